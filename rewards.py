@@ -52,7 +52,7 @@ MAX_SECONDS = 1e6                        # video timestamps beyond ~11 days are 
 
 # Limits that keep hostile output cheap: everything is bounded before any work that grows with it.
 MAX_RESPONSE_CHARS = 1 << 22             # 4 Mi characters (a 64k-token reply is far shorter); scanned in C anyway
-MAX_BOX_CHARS = 1024                     # box content of every task but OCR
+MAX_BOX_CHARS = 2048                     # box content of every task but OCR (room for MAX_BOXES boxes)
 MAX_OCR_CHARS = 4096                     # OCR box content (edit distance is O(n·m/64) word operations)
 MAX_TOKENS = 256                         # math tokens
 MAX_DEPTH = 32                           # math nesting: parentheses, braces, exponents, unary signs
@@ -287,18 +287,14 @@ class _MathParser:
                 return node
 
     def unary(self):
-        self.enter()
         kind = self.peek()
-        if kind == "-":
-            self.take()
-            node = ("neg", self.unary())
-        elif kind == "+":
-            self.take()
-            node = self.unary()
-        else:
-            node = self.power()
+        if kind not in ("-", "+"):
+            return self.power()
+        self.take()
+        self.enter()  # "----5" nests like "-(-(-(-5)))"
+        node = self.unary()
         self.depth -= 1
-        return node
+        return ("neg", node) if kind == "-" else node
 
     def power(self):
         node = self.atom()
@@ -311,7 +307,9 @@ class _MathParser:
             if kinds[:1] == ["circ"] or kinds == ["{", "circ", "}"]:  # 30^\circ: degrees are a unit, not a power
                 self.pos += 1 if kinds[0] == "circ" else 3
             else:
+                self.enter()  # 9^9^9^9 nests to the right
                 node = ("pow", node, self.unary())
+                self.depth -= 1
         return node
 
     def group(self):
@@ -640,8 +638,11 @@ def _valid_box(values):
         return None
     if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
         return None
-    x1, y1, x2, y2 = (float(v) for v in values)
-    if not (0 <= x1 < x2 <= COORD_MAX and 0 <= y1 < y2 <= COORD_MAX):
+    try:
+        x1, y1, x2, y2 = (float(v) for v in values)
+    except OverflowError:  # JSON ints have no size limit
+        return None
+    if not (0 <= x1 < x2 <= COORD_MAX and 0 <= y1 < y2 <= COORD_MAX):  # also refuses NaN
         return None
     return (x1, y1, x2, y2)
 
@@ -745,7 +746,7 @@ def verify_choice(pred, truth):
 def verify_ocr(pred, truth):
     pred = _ocr_text(pred)
     longest = max(len(pred), len(truth))
-    return 1.0 if longest == 0 else 1.0 - edit_distance(pred, truth) / longest
+    return 1.0 if longest == 0 else (longest - edit_distance(pred, truth)) / longest  # = 1 − d / max length
 
 
 def verify_counting(pred, truth):
