@@ -32,6 +32,7 @@ import json
 import math
 import random
 import re
+import string
 import sys
 import time
 import unicodedata
@@ -158,7 +159,7 @@ def _unwrap(text):
 # ----------------------------------------------------------------------------------------------------------------
 # The safe math parser: text -> tuple AST -> exact values (paper Table 1: math)
 #
-# AST nodes: ("num", Fraction) ("var", letter) ("pi",) ("neg", a) ("pct", a) ("root", n, a) and binary
+# AST nodes: ("number", Fraction) ("var", letter) ("pi",) ("neg", a) ("pct", a) ("root", n, a) and binary
 # ("add"|"sub"|"mul"|"div"|"pow", a, b). Grammar, lowest precedence first:
 #   expr    := term (('+' | '-') term)*
 #   term    := unary (('*' | '/' | \times | \cdot | \div) unary | implicit)*     implicit: 2x, 2\pi, 3(4), 2\sqrt{3}
@@ -485,8 +486,7 @@ def _evaluate(node, env):
 # at all three with negligible probability (Schwartz–Zippel), and no simplify() is ever needed.
 _rng = random.Random(20250701)
 _VARIABLE_POINTS = tuple(
-    {c: Fraction(_rng.randint(11, 97), _rng.randint(2, 13)) for c in "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"}
-    for _ in range(3))
+    {c: Fraction(_rng.randint(11, 97), _rng.randint(2, 13)) for c in string.ascii_letters} for _ in range(3))
 
 
 @lru_cache(maxsize=1 << 13)
@@ -627,8 +627,8 @@ def edit_distance(a, b):
 
 _BOX_CHARACTERS = re.compile(r"[0-9.,\[\]()\s-]*", re.ASCII)
 _NUMBER = r"-?[0-9]+(?:\.[0-9]+)?"
-_BOX = re.compile(r"\[\s*({0})\s*,\s*({0})\s*,\s*({0})\s*,\s*({0})\s*\]|\(\s*({0})\s*,\s*({0})\s*,\s*({0})\s*,\s*({0})\s*\)"
-                  .format(_NUMBER), re.ASCII)
+_FOUR = r"\s*({0})\s*,\s*({0})\s*,\s*({0})\s*,\s*({0})\s*".format(_NUMBER)
+_BOX = re.compile(rf"\[{_FOUR}\]|\({_FOUR}\)", re.ASCII)
 _BOX_LIST = re.compile(r"#(?:,?#)*|\[#(?:,?#)*\]")  # after boxes became '#' and whitespace was removed
 
 
@@ -904,7 +904,8 @@ def describe(task, text):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description="Score one model reply and show how the verifier read it.")
-    ap.add_argument("response", nargs="?", help="the model reply (<think>…</think><answer>…</answer>); stdin if omitted")
+    ap.add_argument("response", nargs="?",
+                    help="the model reply, <think>…</think><answer>…</answer>; read from stdin when omitted")
     ap.add_argument("--task", required=True, choices=TASKS, help="which verifier to use")
     ap.add_argument("--answer", required=True, help="the ground truth as the dataset stores it, e.g. 1/2 or [1,2,3,4]")
     ap.add_argument("--lenient", action="store_true", help="use the deliberately hackable verifier (the bad example)")
@@ -929,9 +930,11 @@ def _bench_group(task, rng):
         return f"{a}/{b}", lambda right: rng.choice(forms) if right else f"\\frac{{{a + rng.randint(1, 9)}}}{{{b}}}"
     if task == "choice":
         letter = rng.choice("ABCD")
-        return letter, lambda right: rng.choice([letter, f"({letter})", f"{letter}."]) if right else rng.choice("ABCD") + "B"
+        forms = [letter, f"({letter})", f"{letter}."]
+        return letter, lambda right: rng.choice(forms) if right else rng.choice("ABCD") + "B"
     if task == "ocr":
-        text = "".join(rng.choice("ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 ") for _ in range(rng.randint(5, 30))).strip() or "A"
+        text = "".join(rng.choice("ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 ") for _ in range(rng.randint(5, 30)))
+        text = text.strip() or "A"
         return text, lambda right: text if right else text[:-1] + rng.choice("QXZ")
     if task == "counting":
         k = rng.randint(0, 20)

@@ -241,7 +241,7 @@ def test_math_evaluator_agrees_with_sympy_on_random_expressions():
     assert checked > 150
 
 
-# ------------------------------------------------------------------------------------------------ choice, counting, chart
+# -------------------------------------------------------------------------------- choice, counting, chart
 
 @pytest.mark.parametrize("pred,expected", [
     ("B", 1), ("b", 1), ("(B)", 1), ("[B]", 1), ("B.", 1), ("B:", 1), ("B)", 1), (" B ", 1), (r"\text{B}", 1),
@@ -397,7 +397,7 @@ def test_video_grounding_temporal_iou(pred, expected):
     assert rewards.score("video_grounding", reply(pred), [2.0, 5.0]) == pytest.approx(expected)
 
 
-# ------------------------------------------------------------------------------------------------ the lenient bad example
+# -------------------------------------------------------------------------------- the lenient bad example
 
 @pytest.mark.parametrize("task,pred,truth", [
     ("math", "between 5 and 9", "7"), ("math", "3 or 4", "3"), ("counting", "a number between 0 and 10", "7"),
