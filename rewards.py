@@ -72,34 +72,36 @@ FORMAT_TAGS = (THINK_OPEN, THINK_CLOSE, ANSWER_OPEN, BOX_OPEN, BOX_CLOSE, ANSWER
 END_OF_TURN = ("<|endoftext|>", "<|user|>", "<|observation|>")  # a decoded reply may keep its stop token
 
 
+_FORMAT_TAG = re.compile("|".join(re.escape(tag) for tag in FORMAT_TAGS))
+
+
 def check_format(response):
     """(box content, None) for a well-formed reply, else (None, what is wrong).
 
     Well-formed: optional whitespace, `<think>…</think>`, optional whitespace, `<answer>…</answer>`, optional
-    whitespace and at most one end-of-turn token. Each of the six tags occurs exactly once, so nesting, a second
-    box or a box in the thinking are all malformed. Every step is a C-level scan: a 1 MB reply costs ~1 ms.
+    whitespace and at most one end-of-turn token; the six tags occur exactly once each, in this order, so nesting,
+    a second box or a box in the thinking are all malformed. One regex pass finds the tags: a 1 MB reply costs <1 ms.
     """
     if not isinstance(response, str):
         return None, f"reply is a {type(response).__name__}, not a str"
     if len(response) > MAX_RESPONSE_CHARS:
         return None, f"reply longer than {MAX_RESPONSE_CHARS} characters"
-    starts = []
-    for tag in FORMAT_TAGS:
-        n = response.count(tag)
-        if n != 1:
-            return None, f"{tag} occurs {n} times, expected once"
-        starts.append(response.find(tag))
-    if starts != sorted(starts):
-        return None, "tags out of order (expected <think></think><answer><|begin_of_box|><|end_of_box|></answer>)"
-    think_open, think_close, answer_open, box_open, box_close, answer_close = starts
-    if response[:think_open].strip():
+    found = []
+    for m in _FORMAT_TAG.finditer(response):
+        if len(found) == len(FORMAT_TAGS):
+            return None, f"more than {len(FORMAT_TAGS)} format tags"
+        found.append(m)
+    if [m.group() for m in found] != list(FORMAT_TAGS):
+        return None, f"format tags {''.join(m.group() for m in found) or 'missing'}; expected {''.join(FORMAT_TAGS)}"
+    think_open, think_close, answer_open, box_open, box_close, answer_close = found
+    if response[:think_open.start()].strip():
         return None, "text before <think>"
-    if response[think_close + len(THINK_CLOSE):answer_open].strip():
+    if response[think_close.end():answer_open.start()].strip():
         return None, "text between </think> and <answer>"
-    tail = response[answer_close + len(ANSWER_CLOSE):].strip()
+    tail = response[answer_close.end():].strip()
     if tail and tail not in END_OF_TURN:
         return None, "text after </answer>"
-    return response[box_open + len(BOX_OPEN):box_close], None
+    return response[box_open.end():box_close.start()], None
 
 
 def extract_answer(response):

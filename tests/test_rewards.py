@@ -605,7 +605,7 @@ def test_cli_shows_extraction_parse_and_score(capsys):
     out = capsys.readouterr().out
     assert "unreadable (word 'between')" in out and "score:     1.0" in out
     rewards.main(["--task", "choice", "--answer", "B", "<answer>B</answer>"])
-    assert "malformed reply: <think> occurs 0 times" in capsys.readouterr().out
+    assert "malformed reply: format tags <answer></answer>; expected <think>" in capsys.readouterr().out
 
 
 def test_cli_runs_as_a_script():
