@@ -472,6 +472,20 @@ def test_hostile_input_is_fast_and_scores_as_expected(case):
     assert cpu_seconds(lambda: rewards.score(task, response, truth, lenient=True)) < 0.05
 
 
+@pytest.mark.parametrize("task,pred,truth", [
+    ("math", "１２", "12"), ("math", "١٢", "12"), ("math", "1\u200b2", "12"), ("math", "2²", "4"), ("math", "x²", "x^2"),
+    ("math", "½", "1/2"), ("math", "٣/٤", "3/4"), ("math", "±3", "3"), ("math", "3 ≤ x ≤ 4", "3"),
+    ("choice", "В", "B"), ("choice", "Ｂ", "B"), ("choice", "B\u0301", "B"), ("counting", "７", "7"),
+    ("chart", "４２", "42"), ("grounding", "[１20,40,380,300]", "[120,40,380,300]"),
+    ("video_grounding", "[２, 5]", "[2, 5]"),
+    ("gui", '｛"action": "click", "box": [100, 100, 200, 150]｝', CLICK),
+    ("gui", '{"action": "сlick", "box": [100, 100, 200, 150]}', CLICK),  # Cyrillic с
+])
+def test_unicode_look_alikes_score_zero(task, pred, truth):
+    # Python's int() and float() accept "١٢" and "１２"; the verifiers read ASCII digits only.
+    assert rewards.score(task, reply(pred), truth) == 0.0
+
+
 INJECTIONS = [
     "__import__('os').system('touch {sentinel}')",
     "exec(\"open('{sentinel}', 'w').close()\")",
