@@ -117,14 +117,22 @@ def bench_vision(args) -> list:
 # Entry point
 # ---------------------------------------------------------------------------------------------------------------
 
-SECTIONS = {"vision": bench_vision}
+def bench_rewards(args) -> list:
+    import rewards
+
+    return rewards.bench_rewards(args.device)
+
+
+SECTIONS = {"vision": bench_vision, "rewards": bench_rewards}
+COLUMNS = ("name", "ours", "peer", "ratio", "units")
 
 
 def print_table(rows):
-    widths = [max(len(str(r[k])) for r in rows + [{k: k for k in ("name", "ours", "peer", "ratio")}])
-              for k in ("name", "ours", "peer", "ratio")]
-    for r in [{k: k for k in ("name", "ours", "peer", "ratio")}] + rows:
-        print(" | ".join(str(r[k]).ljust(w) for k, w in zip(("name", "ours", "peer", "ratio"), widths)))
+    rows = [{k: ("" if r.get(k) is None else str(r[k])) for k in COLUMNS} for r in rows]
+    header = {k: k for k in COLUMNS}
+    widths = {k: max(len(r[k]) for r in rows + [header]) for k in COLUMNS}
+    for r in [header] + rows:
+        print(" | ".join(r[k].ljust(widths[k]) for k in COLUMNS))
 
 
 def main():
