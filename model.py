@@ -445,34 +445,39 @@ class GLM4V(nn.Module):
 
     def save_pretrained(self, path, max_shard_bytes=5 * 1024 ** 3, dtype=None):
         """Write config.json and model.safetensors (sharded with an index above `max_shard_bytes`)."""
-        from safetensors.torch import save_file
+        write_hf_checkpoint(path, self.cfg, self.state_dict(), max_shard_bytes, dtype)
 
-        os.makedirs(path, exist_ok=True)
-        config = self.cfg.to_hf()
-        tensors = {name: t.detach().to(dtype or t.dtype).contiguous().cpu() for name, t in self.state_dict().items()}
-        config["torch_dtype"] = str(next(iter(tensors.values())).dtype).replace("torch.", "")
-        with open(os.path.join(path, "config.json"), "w") as f:
-            json.dump(config, f, indent=2)
-        shards, current, size = [], {}, 0
-        for name, t in tensors.items():
-            nbytes = t.numel() * t.element_size()
-            if current and size + nbytes > max_shard_bytes:
-                shards.append(current)
-                current, size = {}, 0
-            current[name], size = t, size + nbytes
-        shards.append(current)
-        if len(shards) == 1:
-            save_file(shards[0], os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
-            return
-        weight_map = {}
-        for i, shard in enumerate(shards):
-            file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, os.path.join(path, file), metadata={"format": "pt"})
-            weight_map.update({name: file for name in shard})
-        index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
-                 "weight_map": weight_map}
-        with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
-            json.dump(index, f, indent=2)
+
+def write_hf_checkpoint(path, cfg: Config, state_dict: dict, max_shard_bytes=5 * 1024 ** 3, dtype=None):
+    """config.json + safetensors (one file, or shards + model.safetensors.index.json), as `transformers` writes."""
+    from safetensors.torch import save_file
+
+    os.makedirs(path, exist_ok=True)
+    config = cfg.to_hf()
+    tensors = {name: t.detach().to(dtype or t.dtype).contiguous().cpu() for name, t in state_dict.items()}
+    config["torch_dtype"] = str(next(iter(tensors.values())).dtype).replace("torch.", "")
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    shards, current, size = [], {}, 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if current and size + nbytes > max_shard_bytes:
+            shards.append(current)
+            current, size = {}, 0
+        current[name], size = t, size + nbytes
+    shards.append(current)
+    if len(shards) == 1:
+        save_file(shards[0], os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, os.path.join(path, file), metadata={"format": "pt"})
+        weight_map.update({name: file for name in shard})
+    index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
+             "weight_map": weight_map}
+    with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
+        json.dump(index, f, indent=2)
 
 
 def checkpoint_files(path) -> list:
