@@ -35,6 +35,7 @@ in the environment yourself.
 import math
 import os
 import sys
+import time
 
 import torch
 import torch.nn.functional as F
@@ -115,9 +116,9 @@ def _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs
     for start_n in range(lo, hi, BLOCK_N):
         n = start_n + offs_n
         n_mask = n < seq_len
-        k_t = tl.load(k_base + n[None, :] * stride_kt + offs_d[:, None],
-                      mask=n_mask[None, :] & d_mask[:, None], other=0.0)  # (D, N): K transposed
-        s = tl.dot(q, k_t, input_precision=DOT_PRECISION) * qk_scale  # (M, N)
+        kv_mask = n_mask[:, None] & d_mask[None, :]
+        k = tl.load(k_base + n[:, None] * stride_kt + offs_d[None, :], mask=kv_mask, other=0.0)  # (N, D)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (M, N)
         if MASKED:  # only the blocks at the segment's end or across the diagonal pay for the mask
             valid = n_mask[None, :]
             if CAUSAL:
@@ -128,8 +129,7 @@ def _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs
         p = tl.exp2(s - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + n[:, None] * stride_vt + offs_d[None, :], mask=n_mask[:, None] & d_mask[None, :],
-                    other=0.0)  # (N, D)
+        v = tl.load(v_base + n[:, None] * stride_vt + offs_d[None, :], mask=kv_mask, other=0.0)  # (N, D)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
     return acc, l_i, m_i
@@ -202,7 +202,7 @@ def _attn_bwd_delta_kernel(O, DO, DELTA, total, stride_ot, stride_oh, stride_dot
 def _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot, offs_n,
                          seq_len, lo, hi, qk_scale, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Accumulate dK, dV of one key block over query blocks [lo, hi), all transposed: rows are keys.
+    """Accumulate dK, dV of one key block over query blocks [lo, hi); Pᵀ and dPᵀ have keys as rows.
 
     Query rows past the segment's end load as zeros (q, dO, lse, delta), which makes their terms exactly zero,
     so only the causal diagonal needs a mask."""
@@ -212,31 +212,34 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, st
     for start_m in range(lo, hi, BLOCK_M):
         m = start_m + offs_m
         m_mask = m < seq_len
-        q_t = tl.load(q_base + m[None, :] * stride_qt + offs_d[:, None], mask=m_mask[None, :] & d_mask[:, None],
-                      other=0.0)  # (D, M)
+        qd_mask = m_mask[:, None] & d_mask[None, :]
+        q = tl.load(q_base + m[:, None] * stride_qt + offs_d[None, :], mask=qd_mask, other=0.0)  # (M, D)
         lse = tl.load(lse_base + m, mask=m_mask, other=0.0)
-        p_t = tl.exp2(tl.dot(k, q_t, input_precision=DOT_PRECISION) * qk_scale - lse[None, :])  # P^T (N, M)
+        p_t = tl.exp2(tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale - lse[None, :])  # Pᵀ (N, M)
         if MASKED:
             p_t = tl.where(m[None, :] >= offs_n[:, None], p_t, 0.0)
-        do = tl.load(do_base + m[:, None] * stride_dot + offs_d[None, :], mask=m_mask[:, None] & d_mask[None, :],
-                     other=0.0)  # (M, D)
+        do = tl.load(do_base + m[:, None] * stride_dot + offs_d[None, :], mask=qd_mask, other=0.0)  # (M, D)
         dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
-        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)  # (dO V^T)^T (N, M)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)  # dPᵀ = V dOᵀ (N, M)
         delta = tl.load(delta_base + m, mask=m_mask, other=0.0)
         ds_t = p_t * (dp_t - delta[None, :])  # softmax backward: dS = P ∘ (dP − delta)
-        dk += tl.dot(ds_t.to(q_t.dtype), tl.trans(q_t), input_precision=DOT_PRECISION)
+        dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION)
     return dk, dv
 
 
 @triton.jit
 def _attn_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, CU_SEQLENS, qk_scale, sm_scale, total,
                           stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
-                          stride_dkt, stride_dkh, stride_dvt, stride_dvh,
-                          GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
-                          BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """One program = one block of BLOCK_N keys of one segment and one kv head; it loops over the GROUP query heads
-    that share this kv head, so dK and dV are summed in registers instead of with atomics."""
-    segment, kv_head = tl.program_id(1), tl.program_id(2)
+                          stride_dk_split, stride_dkt, stride_dkh, stride_dv_split, stride_dvt, stride_dvh,
+                          GROUP: tl.constexpr, SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                          DOT_PRECISION: tl.constexpr):
+    """One program = one block of BLOCK_N keys of one segment and one kv head; it loops over the query heads that
+    share this kv head, so dK and dV are summed in registers instead of with atomics. When that grid would be too
+    small to fill the GPU (short sequences, few kv heads), the GROUP query heads are split over SPLITS programs,
+    each writing its partial sums to its own slice of DK/DV (summed afterwards)."""
+    segment = tl.program_id(1)
+    kv_head, split = tl.program_id(2) // SPLITS, tl.program_id(2) % SPLITS
     seq_start = tl.load(CU_SEQLENS + segment).to(tl.int64)
     seq_len = (tl.load(CU_SEQLENS + segment + 1) - seq_start).to(tl.int32)
     start_n = tl.program_id(0) * BLOCK_N
@@ -251,8 +254,8 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, CU_SEQLENS, qk_scale,
                 other=0.0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    for g in range(GROUP):
-        head = kv_head * GROUP + g
+    for g in range(GROUP // SPLITS):
+        head = kv_head * GROUP + split * (GROUP // SPLITS) + g
         q_base = Q + seq_start * stride_qt + head * stride_qh
         do_base = DO + seq_start * stride_dot + head * stride_doh
         lse_base = LSE + head * total + seq_start
@@ -272,10 +275,12 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, CU_SEQLENS, qk_scale,
                                           stride_dot, offs_n, seq_len, 0, seq_len, qk_scale, HEAD_DIM, False,
                                           BLOCK_M, BLOCK_D, DOT_PRECISION)
     dk *= sm_scale  # S = scale · QKᵀ, so dK = scale · dSᵀQ
-    tl.store(DK + (seq_start + offs_n[:, None]) * stride_dkt + kv_head * stride_dkh + offs_d[None, :],
-             dk.to(DK.dtype.element_ty), mask=kv_mask)
-    tl.store(DV + (seq_start + offs_n[:, None]) * stride_dvt + kv_head * stride_dvh + offs_d[None, :],
-             dv.to(DV.dtype.element_ty), mask=kv_mask)
+    dk_base = DK + split * stride_dk_split + kv_head * stride_dkh
+    dv_base = DV + split * stride_dv_split + kv_head * stride_dvh
+    tl.store(dk_base + (seq_start + offs_n[:, None]) * stride_dkt + offs_d[None, :], dk.to(DK.dtype.element_ty),
+             mask=kv_mask)
+    tl.store(dv_base + (seq_start + offs_n[:, None]) * stride_dvt + offs_d[None, :], dv.to(DV.dtype.element_ty),
+             mask=kv_mask)
 
 
 @triton.jit
@@ -289,15 +294,15 @@ def _attn_bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_
     d_mask = offs_d < HEAD_DIM
     for start_n in range(lo, hi, BLOCK_N):
         n = start_n + offs_n
-        kv_mask = (n < seq_len)[None, :] & d_mask[:, None]
-        k_t = tl.load(k_base + n[None, :] * stride_kt + offs_d[:, None], mask=kv_mask, other=0.0)  # (D, N)
-        v_t = tl.load(v_base + n[None, :] * stride_vt + offs_d[:, None], mask=kv_mask, other=0.0)  # (D, N)
-        p = tl.exp2(tl.dot(q, k_t, input_precision=DOT_PRECISION) * qk_scale - lse[:, None])  # (M, N)
+        kv_mask = (n < seq_len)[:, None] & d_mask[None, :]
+        k = tl.load(k_base + n[:, None] * stride_kt + offs_d[None, :], mask=kv_mask, other=0.0)  # (N, D)
+        v = tl.load(v_base + n[:, None] * stride_vt + offs_d[None, :], mask=kv_mask, other=0.0)  # (N, D)
+        p = tl.exp2(tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale - lse[:, None])  # (M, N)
         if MASKED:
             p = tl.where(offs_m[:, None] >= n[None, :], p, 0.0)
-        dp = tl.dot(do, v_t, input_precision=DOT_PRECISION)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k_t.dtype), tl.trans(k_t), input_precision=DOT_PRECISION)
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
     return dq
 
 
@@ -355,6 +360,14 @@ def _attention_tiles(head_dim: int, dtype: torch.dtype, device: torch.device) ->
     return dict(fwd=(128, 64, warps, 3), dkdv=(32, 128, warps, 2), dq=(128, 32, warps, 2))
 
 
+def _group_splits(group: int, programs: int, device: torch.device) -> int:
+    """Over how many programs the dK/dV kernel spreads one GQA group: the smallest divisor of the group that gives
+    at least two programs per streaming multiprocessor (a small target in the interpreter, so tests cover it)."""
+    target = 16 if device.type != "cuda" or INTERPRETED else 2 * torch.cuda.get_device_properties(
+        device).multi_processor_count
+    return next((d for d in range(1, group + 1) if group % d == 0 and programs * d >= target), group)
+
+
 def _dot_precision(dtype: torch.dtype) -> str:
     """fp32 inputs multiply in full fp32 unless torch allows TF32 matmuls (as scaled_dot_product_attention does)."""
     return "tf32" if dtype != torch.float32 or torch.backends.cuda.matmul.allow_tf32 else "ieee"
@@ -397,14 +410,24 @@ class _FlashAttention(torch.autograd.Function):
             o, do, delta, total, o.stride(0), o.stride(1), do.stride(0), do.stride(1),
             HEAD_DIM=head_dim, BLOCK_T=block_t, BLOCK_D=block_d)
 
-        dk, dv = torch.empty_like(k), torch.empty_like(v)
         block_m, block_n, warps, stages = tiles["dkdv"]
-        _attn_bwd_dkdv_kernel[(triton.cdiv(ctx.max_seqlen, block_n), num_segments, num_kv_heads)](
-            q, k, v, do, dk, dv, lse, delta, cu_seqlens, qk_scale, ctx.sm_scale, total,
+        group = num_heads // num_kv_heads
+        programs = triton.cdiv(ctx.max_seqlen, block_n) * num_segments * num_kv_heads
+        splits = _group_splits(group, programs, q.device)
+        if splits == 1:
+            dk, dv = torch.empty_like(k), torch.empty_like(v)
+            dk_parts, dv_parts = dk[None], dv[None]
+        else:  # fp32 partial sums, one slice per split of the group
+            dk_parts = torch.empty(splits, *k.shape, dtype=torch.float32, device=k.device)
+            dv_parts = torch.empty_like(dk_parts)
+        _attn_bwd_dkdv_kernel[(triton.cdiv(ctx.max_seqlen, block_n), num_segments, num_kv_heads * splits)](
+            q, k, v, do, dk_parts, dv_parts, lse, delta, cu_seqlens, qk_scale, ctx.sm_scale, total,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1),
-            dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
-            GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, CAUSAL=ctx.causal, BLOCK_M=block_m,
-            BLOCK_N=block_n, BLOCK_D=block_d, DOT_PRECISION=precision, num_warps=warps, num_stages=stages)
+            *dk_parts.stride()[:3], *dv_parts.stride()[:3],
+            GROUP=group, SPLITS=splits, HEAD_DIM=head_dim, CAUSAL=ctx.causal, BLOCK_M=block_m, BLOCK_N=block_n,
+            BLOCK_D=block_d, DOT_PRECISION=precision, num_warps=warps, num_stages=stages)
+        if splits > 1:
+            dk, dv = dk_parts.sum(0).to(k.dtype), dv_parts.sum(0).to(v.dtype)
 
         dq = torch.empty_like(q)
         block_m, block_n, warps, stages = tiles["dq"]
@@ -481,8 +504,8 @@ def _rms_norm_fwd_kernel(X, W, Y, RSTD, stride_x, stride_y, n_cols, eps, BLOCK_C
 @triton.jit
 def _rms_norm_bwd_kernel(X, W, DY, DX, RSTD, DW_PARTIAL, stride_x, stride_dy, stride_dx, n_rows, n_cols,
                          rows_per_program, BLOCK_C: tl.constexpr):
-    """One program = a run of rows. dx = rstd·(g − x̂·mean(g·x̂)) with g = dy·w, x̂ = x·rstd; the program's share of
-    dw = Σ dy·x̂ goes to its own row of DW_PARTIAL, summed over programs afterwards (no atomics)."""
+    """One program = a run of rows. dx = rstd·(g − x̂·mean(g·x̂)) with g = dy·w and x̂ = x·rstd; the program's
+    share of dw = Σ dy·x̂ goes to its own row of DW_PARTIAL, summed over programs afterwards (no atomics)."""
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_C)
     mask = cols < n_cols
@@ -657,7 +680,8 @@ def _rope_launch(q, k, positions, inv_freq, sections, interleaved, round_terms, 
             q3, k3, q_out, k_out, positions, inv_freq, n_tokens,
             q3.stride(0), q3.stride(1), k3.stride(0), k3.stride(1), positions.stride(0), positions.stride(1),
             sections[0], sections[1],
-            NUM_Q_HEADS=num_q_heads, NUM_K_HEADS=num_k_heads, NUM_POS_ROWS=positions.shape[0], HEAD_DIM=head_dim, ROTARY_DIM=rotary_dim,
+            NUM_Q_HEADS=num_q_heads, NUM_K_HEADS=num_k_heads, NUM_POS_ROWS=positions.shape[0],
+            HEAD_DIM=head_dim, ROTARY_DIM=rotary_dim,
             INTERLEAVED=interleaved, INVERSE=inverse, ROUND_TERMS=round_terms,
             BLOCK_R=block_r, BLOCK_F=block_f, BLOCK_P=block_p, num_warps=4)
     return q_out.view(q.shape), k_out.view(k.shape)
@@ -729,3 +753,227 @@ def mrope(q, k, position_ids, rotary_dim, mrope_section, theta=10000.0):
     if use_triton(q):
         return mrope_triton(q, k, position_ids, rotary_dim, mrope_section, theta)
     return mrope_torch(q, k, position_ids, rotary_dim, mrope_section, theta)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# --- benchmarks (called by bench.py) ---
+# ---------------------------------------------------------------------------------------------------------------
+# Each row compares our kernel with a peer measured in the same run on the same device. `ratio` is the peer's
+# time over ours (above 1: we are faster). On a CPU the same code runs tiny shapes through the interpreter as a
+# sanity check of the benchmark itself; those times say nothing about speed.
+
+
+def _time_ms(fn, device: torch.device, grad_to_none=()) -> float:
+    """Mean milliseconds per call: Triton's do_bench on CUDA (CUDA events, L2 flushed between calls). The .grad
+    of `grad_to_none` is cleared before each call, so a backward writes its gradients instead of adding to them."""
+    if device.type == "cuda":
+        import triton.testing
+
+        return triton.testing.do_bench(fn, warmup=25, rep=100, grad_to_none=list(grad_to_none))
+    times = []
+    for _ in range(3):
+        for x in grad_to_none:
+            x.grad = None
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times[1:]) * 1e3
+
+
+def _no_grad(fn):
+    def run():
+        with torch.no_grad():
+            return fn()
+    return run
+
+
+def _peak_memory_mib(fn, device: torch.device, grad_to_none=()) -> float:
+    """Extra memory fn() allocates at its peak (CUDA only)."""
+    if device.type != "cuda":
+        return float("nan")
+    for x in grad_to_none:
+        x.grad = None
+    torch.cuda.synchronize(device)
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return (torch.cuda.max_memory_allocated(device) - base) / 2 ** 20
+
+
+def _hbm_peak_gbs(device: torch.device) -> float:
+    """The memory's nominal bandwidth: two transfers per clock (kHz) over the bus width (bits)."""
+    if device.type != "cuda":
+        return float("nan")
+    props = torch.cuda.get_device_properties(device)
+    return 2 * props.memory_clock_rate * 1e3 * props.memory_bus_width / 8 / 1e9
+
+
+def _sdpa_backends(device: torch.device) -> dict:
+    from torch.nn.attention import SDPBackend
+
+    if device.type == "cuda":
+        return {"sdpa-flash": SDPBackend.FLASH_ATTENTION, "sdpa-cudnn": SDPBackend.CUDNN_ATTENTION}
+    return {"sdpa-math": SDPBackend.MATH}
+
+
+def _sdpa(q, k, v, causal, backend):
+    """scaled_dot_product_attention on (B, H, T, D) with one backend; GQA natively, else by repeating k and v."""
+    from torch.nn.attention import sdpa_kernel
+
+    with sdpa_kernel(backend):
+        try:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=q.shape[1] != k.shape[1])
+        except RuntimeError:  # this backend has no native GQA
+            group = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+            return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+
+def _bench_causal_attention(device, dtype, batch, num_heads, num_kv_heads, head_dim, seq_lens) -> list:
+    rows = []
+    for T in seq_lens:
+        g = torch.Generator(device=device).manual_seed(0)
+        q = torch.randn(batch, num_heads, T, head_dim, device=device, dtype=dtype, generator=g, requires_grad=True)
+        k = torch.randn(batch, num_kv_heads, T, head_dim, device=device, dtype=dtype, generator=g,
+                        requires_grad=True)
+        v = torch.randn_like(k, requires_grad=True)
+        do = torch.randn_like(q)
+        # ours takes the batch packed: (B·T, H, D) with segment bounds
+        qp, kp, vp = (x.detach().transpose(1, 2).reshape(-1, x.shape[1], head_dim).requires_grad_() for x in (q, k, v))
+        dop = do.transpose(1, 2).reshape(-1, num_heads, head_dim)
+        cu = torch.arange(0, (batch + 1) * T, T, dtype=torch.int32, device=device)
+
+        def ours():
+            return flash_attention_triton(qp, kp, vp, cu, causal=True, max_seqlen=T)
+
+        flops_fwd = 4 * batch * num_heads * T * T * head_dim * 0.5  # the standard count; causal halves it
+        ours_fwd = _time_ms(_no_grad(ours), device)
+        out = ours()
+        ours_bwd = _time_ms(lambda: out.backward(dop, retain_graph=True), device, (qp, kp, vp))
+        peers = {}
+        for peer_name, backend in _sdpa_backends(device).items():
+            try:
+                fwd = _time_ms(_no_grad(lambda: _sdpa(q, k, v, True, backend)), device)
+                out_peer = _sdpa(q, k, v, True, backend)
+                bwd = _time_ms(lambda: out_peer.backward(do, retain_graph=True), device, (q, k, v))
+            except RuntimeError as e:  # backend not available for this GPU / dtype / shape
+                print(f"bench: {peer_name} skipped: {str(e).splitlines()[0]}", file=sys.stderr)
+                continue
+            peers[peer_name] = (fwd, bwd)
+        for phase, ours_ms, flops, goal, i in (("fwd", ours_fwd, flops_fwd, 0.85, 0),
+                                               ("bwd", ours_bwd, 2.5 * flops_fwd, 0.6, 1)):
+            peer_name, times = min(peers.items(), key=lambda item: item[1][i])
+            peer_ms = times[i]
+            rows.append(dict(name=f"attention causal GQA {phase} B={batch} Hq={num_heads} Hkv={num_kv_heads} "
+                                  f"D={head_dim} T={T} {str(dtype).replace('torch.', '')}",
+                             ours=ours_ms, peer=peer_ms, ratio=peer_ms / ours_ms, units="ms", peer_name=peer_name,
+                             ours_tflops=flops / ours_ms / 1e9, peer_tflops=flops / peer_ms / 1e9,
+                             goal=f"ratio >= {goal}"))
+    return rows
+
+
+def _bench_packed_vit_attention(device, dtype, grids, num_heads, head_dim) -> list:
+    """Bidirectional attention within each of several images packed in one sequence (fwd + bwd), against the
+    reference's loop over images and against one call with a dense block-diagonal mask."""
+    lengths = [h * w for h, w in grids]
+    total = sum(lengths)
+    g = torch.Generator(device=device).manual_seed(0)
+    q, k, v, do = (torch.randn(total, num_heads, head_dim, device=device, dtype=dtype, generator=g)
+                   for _ in range(4))
+    q, k, v = (x.requires_grad_() for x in (q, k, v))
+    cu = torch.tensor([0] + lengths, device=device).cumsum(0).to(torch.int32)
+    segment = torch.repeat_interleave(torch.arange(len(lengths), device=device), torch.tensor(lengths, device=device))
+    backend = next(iter(_sdpa_backends(device).values()))
+
+    def ours():
+        flash_attention_triton(q, k, v, cu, causal=False, max_seqlen=max(lengths)).backward(do)
+
+    def per_image():
+        outs = [_sdpa(*(x[a:b].transpose(0, 1)[None] for x in (q, k, v)), False, backend)[0].transpose(0, 1)
+                for a, b in zip(cu[:-1].tolist(), cu[1:].tolist())]
+        torch.cat(outs).backward(do)
+
+    def dense_mask():
+        mask = segment[:, None] == segment[None, :]  # (total, total): the memory the packed kernel avoids
+        out = F.scaled_dot_product_attention(*(x.transpose(0, 1)[None] for x in (q, k, v)), attn_mask=mask)
+        out[0].transpose(0, 1).backward(do)
+
+    rows = []
+    name = f"packed ViT attention fwd+bwd, {len(grids)} images, {total} patches, H={num_heads} D={head_dim}"
+    ours_ms, ours_mib = _time_ms(ours, device, (q, k, v)), _peak_memory_mib(ours, device, (q, k, v))
+    for peer_name, peer, goal in (("per-image loop", per_image, "ratio > 1"),
+                                  ("dense block mask", dense_mask, "ratio >= 5 at <= 0.5x memory")):
+        peer_ms, peer_mib = _time_ms(peer, device, (q, k, v)), _peak_memory_mib(peer, device, (q, k, v))
+        rows.append(dict(name=f"{name} vs {peer_name}", ours=ours_ms, peer=peer_ms, ratio=peer_ms / ours_ms,
+                         units="ms", peer_name=peer_name, ours_peak_mib=ours_mib, peer_peak_mib=peer_mib,
+                         memory_ratio=ours_mib / peer_mib, goal=goal))
+    return rows
+
+
+def _bench_mrope(device, dtype, tokens, num_heads, num_kv_heads, head_dim, section) -> list:
+    """q + k M-RoPE, forward and backward, against the eager reference (cos/sin tables + elementwise ops)."""
+    g = torch.Generator(device=device).manual_seed(0)
+    q = torch.randn(tokens, num_heads, head_dim, device=device, dtype=dtype, generator=g, requires_grad=True)
+    k = torch.randn(tokens, num_kv_heads, head_dim, device=device, dtype=dtype, generator=g, requires_grad=True)
+    dq_out, dk_out = torch.randn_like(q), torch.randn_like(k)
+    positions = torch.randint(0, tokens, (3, tokens), device=device, generator=g)
+    rotary_dim = 2 * sum(section)
+
+    def step(rope):
+        return lambda: torch.autograd.backward(rope(q, k, positions, rotary_dim, section), (dq_out, dk_out))
+
+    ours_ms = _time_ms(step(mrope_triton), device, (q, k))
+    peer_ms = _time_ms(step(mrope_torch), device, (q, k))
+    # the unavoidable traffic: read q, k and write them rotated; read their gradients and write them back
+    gbytes = 4 * (q.numel() + k.numel()) * q.element_size() / 1e9
+    return [dict(name=f"M-RoPE q+k fwd+bwd T={tokens} Hq={num_heads} Hkv={num_kv_heads} D={head_dim}",
+                 ours=ours_ms, peer=peer_ms, ratio=peer_ms / ours_ms, units="ms", peer_name="eager",
+                 ours_gbs=gbytes / ours_ms * 1e3, hbm_fraction=gbytes / ours_ms * 1e3 / _hbm_peak_gbs(device),
+                 goal="ratio >= 3 and hbm_fraction >= 0.6")]
+
+
+def _bench_rms_norm(device, dtype, rows_, cols) -> list:
+    g = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(rows_, cols, device=device, dtype=dtype, generator=g, requires_grad=True)
+    w = torch.randn(cols, device=device, dtype=dtype, generator=g, requires_grad=True)
+    dy = torch.randn_like(x)
+    nbytes = x.numel() * x.element_size()
+    out = []
+    for phase, gbytes in (("fwd", 2 * nbytes / 1e9), ("fwd+bwd", 5 * nbytes / 1e9)):  # x→y; then x, dy → dx
+        def run(norm):
+            if phase == "fwd":
+                return _no_grad(lambda: norm(x, w, 1e-5))
+            return lambda: norm(x, w, 1e-5).backward(dy)
+        ours_ms = _time_ms(run(rms_norm_triton), device, (x, w))
+        peer_ms = _time_ms(run(rms_norm_torch), device, (x, w))
+        out.append(dict(name=f"RMSNorm {phase} {rows_}x{cols}", ours=ours_ms, peer=peer_ms, ratio=peer_ms / ours_ms,
+                        units="ms", peer_name="eager", ours_gbs=gbytes / ours_ms * 1e3,
+                        hbm_fraction=gbytes / ours_ms * 1e3 / _hbm_peak_gbs(device), goal="hbm_fraction >= 0.7"))
+    return out
+
+
+def bench_kernels(device="cuda") -> list:
+    """The issue's benchmark table (bf16 on a GPU). On a CPU: a tiny fp32 run through the interpreter that only
+    checks the benchmark code works (times meaningless)."""
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("bench_kernels: no CUDA device; nothing measured", file=sys.stderr)
+        return []
+    if device.type == "cuda":
+        dtype = torch.bfloat16
+        vit_grids = [(64, 64), (48, 64), (32, 32), (64, 32), (16, 16), (40, 56), (24, 80), (56, 40)]
+        return (_bench_causal_attention(device, dtype, 2, 32, 2, 128, (2048, 8192))
+                + _bench_packed_vit_attention(device, dtype, vit_grids, 12, 128)
+                + _bench_mrope(device, dtype, 16384, 32, 2, 128, (8, 12, 12))
+                + _bench_rms_norm(device, dtype, 16384, 4096))
+    if not INTERPRETED:
+        print("bench_kernels: Triton on CPU tensors needs TRITON_INTERPRET=1; nothing measured", file=sys.stderr)
+        return []
+    print("bench_kernels: CPU sanity run through Triton's interpreter; the times say nothing about speed",
+          file=sys.stderr)
+    rows = (_bench_causal_attention(device, torch.float32, 1, 2, 1, 16, (32,))
+            + _bench_packed_vit_attention(device, torch.float32, [(2, 3), (4, 4), (1, 5)], 2, 16)
+            + _bench_mrope(device, torch.float32, 16, 2, 1, 16, (1, 1, 2))
+            + _bench_rms_norm(device, torch.float32, 8, 24))
+    return [dict(row, note="CPU interpreter sanity run, not a speed measurement") for row in rows]

@@ -75,6 +75,7 @@ ATTENTION_CASES = {  # segment lengths, Hq, Hkv, head_dim
     "gqa4_hd40_len1": ([17, 1, 33], 4, 1, 40),
     "empty_segment_gqa3_hd16": ([3, 0, 20], 3, 1, 16),
     "hd160_not_pow2": ([9, 26], 2, 1, 160),
+    "gqa8_group_split_in_dkdv": ([40, 50], 8, 1, 32),  # the dK/dV kernel splits the 8 heads over 4 programs
 }
 
 
