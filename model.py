@@ -83,8 +83,8 @@ class Config:
             problems.append("hidden_size must be divisible by num_attention_heads")
         if self.num_attention_heads % self.num_key_value_heads:
             problems.append("num_attention_heads must be a multiple of num_key_value_heads")
-        if self.vision_hidden_size % self.vision_num_heads:
-            problems.append("vision_hidden_size must be divisible by vision_num_heads")
+        if self.vision_hidden_size % self.vision_num_heads or (self.vision_hidden_size // self.vision_num_heads) % 4:
+            problems.append("vision_hidden_size / vision_num_heads must be a multiple of 4 (2D-RoPE splits it in 4)")
         if not problems and 2 * sum(self.mrope_section) != self.rotary_dim:
             problems.append(f"mrope_section {self.mrope_section} must sum to rotary_dim/2 = {self.rotary_dim // 2}")
         if problems:
