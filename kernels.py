@@ -32,6 +32,7 @@ is imported (triton decorates its own library functions at import), so on a mach
 sets TRITON_INTERPRET=1 before importing triton. If something imported triton earlier, set TRITON_INTERPRET=1
 in the environment yourself.
 """
+import functools
 import math
 import os
 import sys
@@ -454,7 +455,7 @@ def flash_attention_triton(q, k, v, cu_seqlens=None, causal=False, max_seqlen=No
     if cu_seqlens is None:
         cu_seqlens = torch.tensor([0, total], dtype=torch.int32, device=q.device)
     cu_seqlens = cu_seqlens.to(device=q.device, dtype=torch.int32)
-    if max_seqlen is None:  # one host sync; callers that know it (the model does, per batch) pass it
+    if max_seqlen is None:  # one host sync (and a check of cu_seqlens); callers that know it can pass it
         bounds = cu_seqlens.tolist()
         lengths = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
         if bounds[0] != 0 or bounds[-1] != total or min(lengths, default=0) < 0:
@@ -701,6 +702,7 @@ class _Rope(torch.autograd.Function):
         return dq, dk, None, None, None, None, None
 
 
+@functools.lru_cache(maxsize=None)  # a few floats per (dim, theta, device), never written
 def _vision_inv_freq(head_dim: int, theta: float, device) -> torch.Tensor:
     """(head_dim/2,): the head_dim/4 frequencies of rope2d.vision_rope_cos_sin, once for rows and once for cols."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim // 2, 2, dtype=torch.float32, device=device)
@@ -708,6 +710,7 @@ def _vision_inv_freq(head_dim: int, theta: float, device) -> torch.Tensor:
     return torch.cat([inv_freq, inv_freq])
 
 
+@functools.lru_cache(maxsize=None)  # a few floats per (dim, theta, device), never written
 def _mrope_inv_freq(rotary_dim: int, theta: float, device) -> torch.Tensor:
     """(rotary_dim/2,): the frequencies of rope2d.mrope_cos_sin."""
     return 1.0 / (theta ** (torch.arange(0, rotary_dim, 2, dtype=torch.float32, device=device) / rotary_dim))
