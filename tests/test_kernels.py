@@ -176,6 +176,19 @@ def test_mrope_matches_torch(case):
         assert_close(a, b, what=name)
 
 
+def test_ropes_train_after_a_first_call_in_inference_mode():
+    """Generation (inference_mode) then training in one process, as in RL: the cached frequencies must not be
+    inference tensors. A theta no other test uses makes this the first call for its cache entry."""
+    q, k = randn(6, 2, 16), randn(6, 1, 16)
+    positions, coords = torch.zeros(3, 6, dtype=torch.long, device=DEVICE), torch.zeros(6, 2, dtype=torch.long,
+                                                                                         device=DEVICE)
+    with torch.inference_mode():
+        kernels.mrope_triton(q, k, positions, 8, (1, 1, 2), 1234.5)
+        kernels.rope_vision_triton(q, k, coords, 1234.5)
+    assert grads(kernels.mrope_triton(q, k, positions, 8, (1, 1, 2), 1234.5), (q,))[0].shape == q.shape
+    assert grads(kernels.rope_vision_triton(q, k, coords, 1234.5), (q,))[0].shape == q.shape
+
+
 def test_mrope_rejects_bad_sections():
     q = randn(4, 2, 16)
     with pytest.raises(ValueError, match="mrope_section"):
