@@ -15,6 +15,7 @@ All images (and video frame pairs) of a batch travel as one packed sequence: no 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 import kernels
 import rope2d
@@ -102,7 +103,14 @@ class VisionBlock(nn.Module):
         self.norm2 = RMSNorm(cfg.vision_hidden_size, cfg.vision_rms_norm_eps)
         self.mlp = SwiGLU(cfg.vision_hidden_size, cfg.out_hidden_size)
 
+    activation_checkpointing = False  # set by the trainer: recompute this block in the backward pass
+
     def forward(self, x, coords, cu_seqlens):
+        if self.activation_checkpointing and torch.is_grad_enabled():
+            return checkpoint(self._forward, x, coords, cu_seqlens, use_reentrant=False)
+        return self._forward(x, coords, cu_seqlens)
+
+    def _forward(self, x, coords, cu_seqlens):
         x = x + self.attn(self.norm1(x), coords, cu_seqlens)
         return x + self.mlp(self.norm2(x))
 
