@@ -219,7 +219,8 @@ def test_dispatch_follows_glm4v_kernels(monkeypatch):
 
 
 def test_whole_model_triton_matches_torch(monkeypatch):
-    """Logits and every parameter's gradient of a (shrunk) tiny GLM4V, with an image, on both kernel paths."""
+    """Logits and every parameter's gradient of a (shrunk) tiny GLM4V, with an image and a padded batch, on both
+    kernel paths, and with activation checkpointing on the Triton path."""
     cfg = dataclasses.replace(M.PRESETS["tiny"], num_hidden_layers=2, vision_depth=2)
     torch.manual_seed(0)
     model = R.random_weights_(M.GLM4V(cfg), seed=0).to(DEVICE)
@@ -231,19 +232,23 @@ def test_whole_model_triton_matches_torch(monkeypatch):
     pixels = R.patches(cfg, grid).to(DEVICE)
     projection = torch.randn(2, width, cfg.vocab_size, generator=torch.Generator().manual_seed(2)).to(DEVICE)
 
-    def run(which):
+    def run(which, checkpointing=False):
         monkeypatch.setenv("GLM4V_KERNELS", which)
+        for module in model.modules():  # recompute layers/blocks in the backward (the kernels run twice)
+            if hasattr(module, "activation_checkpointing"):
+                module.activation_checkpointing = checkpointing
         model.zero_grad(set_to_none=True)
         logits = model(ids, attention_mask=mask, pixel_values=pixels, image_grid_thw=grid)
         (logits * projection).sum().backward()
         return logits.detach(), {name: p.grad for name, p in model.named_parameters()}
 
-    logits, grads_triton = run("triton")
     ref_logits, grads_torch = run("torch")
-    assert_close(logits, ref_logits, what="logits")
-    for name, ref in grads_torch.items():
-        assert ref is not None and grads_triton[name] is not None, name
-        assert_close(grads_triton[name], ref, what=f"grad {name}")
+    for checkpointing in (False, True):
+        logits, grads_triton = run("triton", checkpointing)
+        assert_close(logits, ref_logits, what="logits")
+        for name, ref in grads_torch.items():
+            assert ref is not None and grads_triton[name] is not None, name
+            assert_close(grads_triton[name], ref, what=f"grad {name} (checkpointing={checkpointing})")
 
 
 # ---------------------------------------------------------------------------------------------------------------
