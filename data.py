@@ -228,8 +228,9 @@ def _read_pyav(path: str):
 
 def load_frames(video, source_fps: float = None, default_fps: float = 2.0):
     """The frames of a video given as a list of PIL images (or image paths), a folder of image files (natural sort
-    order), an animated GIF (any multi-frame image) or a video file (PyAV) -> (frames, source_fps, duration). A list
-    or folder has no timing of its own: its frames are 1/source_fps apart (default: `default_fps`)."""
+    order), an animated GIF/WebP/PNG (frame durations honoured) or a video file (PyAV) -> (frames at a constant
+    rate, source_fps, duration). A list or folder has no timing of its own: its frames are 1/source_fps apart
+    (default: `default_fps`)."""
     if isinstance(video, (list, tuple)):
         if not video:
             raise ValueError("a video needs at least one frame")
@@ -250,13 +251,18 @@ def load_frames(video, source_fps: float = None, default_fps: float = 2.0):
         if not frames:
             raise ValueError(f"{path}: the video has no frames")
         return frames, source_fps or fps, duration
+    # an animated image: frames last different times (encoders merge repeated frames into one long one), so lay
+    # them on a uniform clock of `tick` ms, fine enough for every duration and for sampling at default_fps (the
+    # gcd, at least 10 ms), repeating the longer frames
     image = open_image(path)
-    frames, total_ms = [], 0.0
+    frames, durations = [], []
     for frame in ImageSequence.Iterator(image):
         frames.append(frame.copy())
-        total_ms += frame.info.get("duration") or 100  # GIF frames without a delay play at 10 fps
-    fps = source_fps or len(frames) / (total_ms / 1000)
-    return frames, fps, len(frames) / fps
+        durations.append(int(frame.info.get("duration") or 100))  # no delay: 10 fps, as browsers do
+    tick = max(10, math.gcd(*durations, round(1000 / default_fps)))
+    timeline = [f for f, d in zip(frames, durations) for _ in range(max(1, round(d / tick)))]
+    fps = source_fps or 1000 / tick
+    return timeline, fps, len(timeline) / fps
 
 
 def process_video(video, fps: float = 2.0, max_frames: int = None, min_pixels: int = VIDEO_MIN_PIXELS,
@@ -1018,6 +1024,8 @@ def _gen_gui(rng, level):
     boxes = []
     for lab, cell in zip(labels, cells):
         bw, bh = min(int(cell_w) - 6, _text_width(lab, font) + rng.randint(10, 18)), rng.randint(font + 6, font + 12)
+        if bw < _text_width(lab, font) + 6:  # the label must fit inside its button
+            raise _Retry
         r_, c_ = divmod(cell, cols)
         x0 = int(4 + c_ * cell_w + rng.randint(2, max(2, int(cell_w) - bw - 2)))
         y0 = int(top + 2 + r_ * cell_h + rng.randint(0, max(0, int(cell_h) - bh - 2)))
@@ -1206,6 +1214,17 @@ def make_item(task: str, index: int, seed: int = 0, split: str = "train", level:
     return item
 
 
+def answer_boxes(item: Item) -> list:
+    """The 0–1000 boxes an item's answer names (grounding, GUI clicks); [] for other answers."""
+    if item.task == "grounding":
+        boxes = json.loads(item.answer)
+        return boxes if isinstance(boxes[0], list) else [boxes]
+    if item.task == "gui":
+        action = json.loads(item.answer)
+        return [action["box"]] if action["action"] == "click" else []
+    return []
+
+
 def contact_sheet(items, columns: int = 4, tile: int = 224) -> Image.Image:
     """A grid of items a person can check at a glance: the image (video frames in a strip), the task, level,
     question and answer; grounding and GUI targets are outlined in magenta."""
@@ -1224,11 +1243,9 @@ def contact_sheet(items, columns: int = 4, tile: int = 224) -> Image.Image:
                 d.text((fx + 2, fy + 1), f"{f / item.fps:.1f}", font=_font(9), fill=(120, 120, 120))
         else:
             image = item.image.copy()
-            boxes = item.facts.get("targets") or (
-                [item.facts["boxes"][item.facts["target"]]] if item.task == "gui" and
-                item.facts.get("action") == "click" else [])
-            for box in boxes:
-                ImageDraw.Draw(image).rectangle(box, outline=(255, 0, 255))
+            for box in answer_boxes(item):  # drawn from the answer string itself, so the sheet checks it
+                x0, y0, x1, y1 = (v * s / 1000 for v, s in zip(box, image.size * 2))
+                ImageDraw.Draw(image).rectangle((x0, y0, x1 - 1, y1 - 1), outline=(255, 0, 255))
             scale = min((tile - 8) / image.width, (tile - 8) / image.height, 2.0)
             image = image.resize((round(image.width * scale), round(image.height * scale)), Image.Resampling.NEAREST)
             sheet.paste(image, (x + 4, y + 4))
@@ -1315,6 +1332,69 @@ def encode_sample(sample: dict, tokenizer: Tokenizer, sizes_only: bool = False) 
 _MEDIA_TAG = re.compile(r"(<image>|<video>)")
 
 
+def _resolve(p, root: str):
+    """A media path (or a list of frame paths) from a JSONL line -> absolute; missing files raise."""
+    if isinstance(p, (list, tuple)):
+        return [_resolve(x, root) for x in p]
+    if not isinstance(p, str):
+        raise ValueError(f"media paths must be strings, got {p!r:.60}")
+    full = p if os.path.isabs(p) else os.path.join(root, p)
+    if not os.path.exists(full):
+        raise FileNotFoundError(f"file not found: {p}")
+    return full
+
+
+def parse_record(obj, root: str = ".") -> dict:
+    """One decoded JSONL object (see JsonlSource) -> a normalised sample with paths made absolute against `root`.
+    Raises ValueError / FileNotFoundError describing the problem."""
+    if not isinstance(obj, dict):
+        raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
+    if "messages" not in obj:
+        if isinstance(obj.get("text"), str) and ("image" in obj or "video" in obj):
+            key = "image" if "image" in obj else "video"
+            return {key: _resolve(obj[key], root), "text": obj["text"]}
+        raise ValueError(f"expected 'messages' (a conversation) or 'image' + 'text' (a caption pair), got keys "
+                         f"{sorted(obj)}")
+    messages = []
+    images = [_resolve(p, root) for p in obj.get("images") or []]
+    videos = [_resolve(p, root) for p in obj.get("videos") or []]
+    inline_images, inline_videos = [], []
+    if not isinstance(obj["messages"], list) or not obj["messages"]:
+        raise ValueError("'messages' must be a non-empty list")
+    for k, msg in enumerate(obj["messages"]):
+        if not isinstance(msg, dict) or "role" not in msg or "content" not in msg:
+            raise ValueError(f"messages[{k}] needs 'role' and 'content'")
+        role, content = msg["role"], msg["content"]
+        if role not in ("system", "user", "assistant"):
+            raise ValueError(f"messages[{k}]: unknown role {role!r} (system, user or assistant)")
+        if role == "user" and isinstance(content, str) and _MEDIA_TAG.search(content):
+            content = [{"type": part[1:-1]} if part in ("<image>", "<video>") else {"type": "text", "text": part}
+                       for part in _MEDIA_TAG.split(content) if part]
+        if isinstance(content, list):
+            if role != "user":
+                raise ValueError(f"messages[{k}]: only user messages may hold images or videos")
+            for item in content:
+                if not isinstance(item, dict) or item.get("type") not in ("image", "video", "text"):
+                    raise ValueError(f"messages[{k}]: content items must be {{'type': 'image'|'video'|'text'}}")
+                if item["type"] == "image" and isinstance(item.get("image"), str):
+                    inline_images.append(_resolve(item["image"], root))
+                if item["type"] == "video" and isinstance(item.get("video"), (str, list)):
+                    inline_videos.append(_resolve(item["video"], root))
+            content = [{"type": i["type"], "text": i["text"]} if i["type"] == "text" else {"type": i["type"]}
+                       for i in content]
+        elif not isinstance(content, str):
+            raise ValueError(f"messages[{k}]: content must be a string or a list of items")
+        messages.append({**{key: v for key, v in msg.items() if key == "metadata"}, "role": role,
+                         "content": content})
+    images, videos = images or inline_images, videos or inline_videos
+    used = [sum(1 for m in messages if isinstance(m["content"], list) for i in m["content"] if i["type"] == t)
+            for t in ("image", "video")]
+    if used != [len(images), len(videos)]:
+        raise ValueError(f"the messages place {used[0]} images and {used[1]} videos but the line gives "
+                         f"{len(images)} images and {len(videos)} videos")
+    return {"messages": messages, "images": images, "videos": videos, "thinking": bool(obj.get("thinking", True))}
+
+
 class JsonlSource:
     """Samples from a JSONL file, one JSON object per line:
     - a conversation {"messages": [{"role": "system"|"user"|"assistant", "content": ...}], "images": [path…],
@@ -1336,7 +1416,7 @@ class JsonlSource:
                 if not line.strip():
                     continue
                 try:
-                    record = self.parse(json.loads(line))
+                    record = parse_record(json.loads(line), self.root)
                 except json.JSONDecodeError as e:
                     raise ValueError(f"{self.path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from e
                 except (ValueError, TypeError, KeyError, FileNotFoundError) as e:
@@ -1346,64 +1426,6 @@ class JsonlSource:
         if not self.records:
             raise ValueError(f"{self.path}: no samples")
         self.size = len(self.records)
-
-    def _resolve(self, p):
-        if isinstance(p, (list, tuple)):
-            return [self._resolve(x) for x in p]
-        if not isinstance(p, str):
-            raise ValueError(f"media paths must be strings, got {p!r:.60}")
-        full = p if os.path.isabs(p) else os.path.join(self.root, p)
-        if not os.path.exists(full):
-            raise FileNotFoundError(f"file not found: {p}")
-        return full
-
-    def parse(self, obj) -> dict:
-        """One decoded JSON line -> a normalised sample with absolute paths (raises on problems)."""
-        if not isinstance(obj, dict):
-            raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
-        if "messages" not in obj:
-            if isinstance(obj.get("text"), str) and ("image" in obj or "video" in obj):
-                key = "image" if "image" in obj else "video"
-                return {key: self._resolve(obj[key]), "text": obj["text"]}
-            raise ValueError(f"expected 'messages' (a conversation) or 'image' + 'text' (a caption pair), got keys "
-                             f"{sorted(obj)}")
-        messages, images, videos = [], [self._resolve(p) for p in obj.get("images") or []], []
-        videos = [self._resolve(p) for p in obj.get("videos") or []]
-        inline_images, inline_videos = [], []
-        if not isinstance(obj["messages"], list) or not obj["messages"]:
-            raise ValueError("'messages' must be a non-empty list")
-        for k, msg in enumerate(obj["messages"]):
-            if not isinstance(msg, dict) or "role" not in msg or "content" not in msg:
-                raise ValueError(f"messages[{k}] needs 'role' and 'content'")
-            role, content = msg["role"], msg["content"]
-            if role not in ("system", "user", "assistant"):
-                raise ValueError(f"messages[{k}]: unknown role {role!r} (system, user or assistant)")
-            if role == "user" and isinstance(content, str) and _MEDIA_TAG.search(content):
-                content = [{"type": part[1:-1]} if part in ("<image>", "<video>") else {"type": "text", "text": part}
-                           for part in _MEDIA_TAG.split(content) if part]
-            if isinstance(content, list):
-                if role != "user":
-                    raise ValueError(f"messages[{k}]: only user messages may hold images or videos")
-                for item in content:
-                    if not isinstance(item, dict) or item.get("type") not in ("image", "video", "text"):
-                        raise ValueError(f"messages[{k}]: content items must be {{'type': 'image'|'video'|'text'}}")
-                    if item["type"] == "image" and isinstance(item.get("image"), str):
-                        inline_images.append(self._resolve(item["image"]))
-                    if item["type"] == "video" and isinstance(item.get("video"), (str, list)):
-                        inline_videos.append(self._resolve(item["video"]))
-                content = [{"type": i["type"], "text": i["text"]} if i["type"] == "text" else {"type": i["type"]}
-                           for i in content]
-            elif not isinstance(content, str):
-                raise ValueError(f"messages[{k}]: content must be a string or a list of items")
-            messages.append({**{key: v for key, v in msg.items() if key == "metadata"}, "role": role,
-                             "content": content})
-        images, videos = images or inline_images, videos or inline_videos
-        used = [sum(1 for m in messages if isinstance(m["content"], list) for i in m["content"] if i["type"] == t)
-                for t in ("image", "video")]
-        if used != [len(images), len(videos)]:
-            raise ValueError(f"the messages place {used[0]} images and {used[1]} videos but the line gives "
-                             f"{len(images)} images and {len(videos)} videos")
-        return {"messages": messages, "images": images, "videos": videos, "thinking": bool(obj.get("thinking", True))}
 
     def where(self, i: int) -> str:
         return f"{self.path}:{self.lines[i]}"
@@ -1640,3 +1662,401 @@ class _StepDataset(torch.utils.data.Dataset):
         end = (g + 1) * self.loader.packs_per_step
         self.loader.pack(end - 1)  # makes sure the start of the next step is known
         return g, out, self.loader._starts[end]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The quality pipeline (paper §3.1): heuristic filters, de-duplication, relevance, concept balance, recaptioning
+# ---------------------------------------------------------------------------------------------------------------
+# Streams a JSONL file (the JsonlSource formats) to a cleaned one. Nothing is dropped silently: every dropped line
+# is counted by reason (and written to `rejects` with its reason when asked), and broken images never stop the run.
+
+STOPWORDS = frozenset("a an the and or but of in on at to with for from by as is are was were be been this that "
+                      "these those it its there here image picture photo shows showing shown".split())
+
+
+def phash(image: Image.Image) -> int:
+    """64-bit perceptual hash: the signs of the 8×8 lowest DCT frequencies of a 32×32 grey thumbnail against their
+    median. Re-encoding, small resizes and mild colour changes keep it within a few bits."""
+    grey = np.asarray(to_rgb(image).convert("L").resize((32, 32), Image.Resampling.BILINEAR), dtype=np.float64)
+    n = np.arange(32)
+    basis = np.cos(np.pi * (2 * n[None, :] + 1) * n[:, None] / 64)  # DCT-II rows: basis[k, x]
+    low = (basis @ grey @ basis.T)[:8, :8].flatten()
+    bits = low > np.median(low[1:])  # the DC term (mean brightness) does not vote on the threshold
+    return int("".join("1" if b else "0" for b in bits), 2)
+
+
+class NearDuplicateIndex:
+    """Perceptual hashes kept so far. Two hashes within Hamming distance d agree on at least one of d+1 bands
+    (pigeonhole), so a lookup compares only against hashes sharing a band instead of against all."""
+
+    def __init__(self, max_distance: int):
+        self.max_distance = max_distance
+        bands = max_distance + 1
+        edges = [round(64 * i / bands) for i in range(bands + 1)]
+        self.masks = [(((1 << (b - a)) - 1) << a, a) for a, b in zip(edges[:-1], edges[1:])]
+        self.buckets = [dict() for _ in self.masks]
+
+    def find(self, h: int):
+        """A kept hash within max_distance of h, or None."""
+        for (mask, _), bucket in zip(self.masks, self.buckets):
+            for other in bucket.get(h & mask, ()):
+                if bin(h ^ other).count("1") <= self.max_distance:
+                    return other
+        return None
+
+    def add(self, h: int):
+        for (mask, _), bucket in zip(self.masks, self.buckets):
+            bucket.setdefault(h & mask, []).append(h)
+
+
+def _load_for_filter(path: str, max_image_pixels: int):
+    """(image, None) or (None, reason) — never raises on a bad file."""
+    if not os.path.exists(path):
+        return None, "missing_file"
+    old = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = max_image_pixels  # PIL refuses above 2× this; the warning above 1× becomes an error
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(path)
+            image.load()
+        return image, None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        return None, "decompression_bomb"
+    except (OSError, SyntaxError, ValueError) as e:
+        return None, "truncated" if "truncated" in str(e).lower() else "unreadable"
+    finally:
+        Image.MAX_IMAGE_PIXELS = old
+
+
+def _record_text(sample: dict) -> str:
+    """The text a record pairs with its images: the caption, or every message of a conversation."""
+    if "messages" not in sample:
+        return sample["text"]
+    return "\n".join(m["content"] if isinstance(m["content"], str) else " ".join(
+        i.get("text", "") for i in m["content"]) for m in sample["messages"])
+
+
+def concepts_of(text: str, vocabulary=None) -> set:
+    """The concepts a text mentions: entries of `vocabulary` (words or phrases) found in it, or without one its
+    content words (lower-case, 3+ letters, no stop words)."""
+    lower = text.lower()
+    if vocabulary is not None:
+        words = set(re.findall(r"[a-z0-9]+", lower))
+        return {c for c in vocabulary if (c in words if " " not in c else c in lower)}
+    return {w for w in re.findall(r"[a-z]{3,}", lower) if w not in STOPWORDS}
+
+
+def import_callable(spec: str):
+    """'package.module:function' -> the function (for the pluggable scorer and recaptioner)."""
+    module, _, name = spec.partition(":")
+    if not module or not name:
+        raise ValueError(f"expected 'module:function', got {spec!r}")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"cannot load {spec}: {e}") from e
+
+
+def quality_filter(in_path, out_path, *, min_side: int = 32, max_aspect: float = 20.0, min_text_chars: int = 2,
+                   max_text_chars: int = 20_000, solid_std: float = 2.0, dedup: bool = True,
+                   phash_distance: int = 4, scorer=None, min_score: float = 0.3, balance_t: int = None,
+                   concepts=None, recaption=None, max_image_pixels: int = 89_478_485, rejects=None, seed: int = 0,
+                   progress: bool = True) -> dict:
+    """Filter a JSONL dataset (paper §3.1) and write the kept lines, in order, to `out_path`:
+    1. heuristics — images at least `min_side` px on the short side, aspect ratio at most `max_aspect`, not one
+       solid colour (grey std < `solid_std`), text length within [min_text_chars, max_text_chars];
+    2. de-duplication — exact (identical pixels) and near (perceptual hash within `phash_distance` bits);
+    3. relevance — `scorer(image, text) -> float` (e.g. a CLIP similarity), keep when ≥ `min_score`;
+    4. concept-balanced resampling (MetaCLIP-style) when `balance_t` is set — a concept mentioned by n > t kept
+       lines selects each of them with probability t/n, and a line stays if any of its concepts selects it, so
+       head concepts are thinned and long-tail ones kept whole (lines with no concept stay);
+    5. recaptioning — `recaption(image, text) -> str` rewrites caption pairs' text (the old one is kept as
+       "original_text").
+    Unparseable lines, missing, unreadable, truncated or decompression-bomb images are dropped and counted.
+    Returns {"read", "kept", "dropped": {reason: count}}; `rejects` (a path) receives every dropped line with its
+    reason."""
+    in_path, out_path = os.fspath(in_path), os.fspath(out_path)
+    if not os.path.exists(in_path):
+        raise FileNotFoundError(f"input not found: {in_path}")
+    root = os.path.dirname(os.path.abspath(in_path))
+    vocabulary = None if concepts is None else {c.strip().lower() for c in concepts if c.strip()}
+    dropped, kept = {}, []  # kept: (lineno, object, sample, concepts)
+    exact_seen, near = set(), NearDuplicateIndex(phash_distance)
+    reject_file = open(rejects, "w", encoding="utf-8") if rejects else None
+
+    def drop(lineno, raw, reason, detail=""):
+        dropped[reason] = dropped.get(reason, 0) + 1
+        if reject_file:
+            reject_file.write(json.dumps({"line": lineno, "reason": reason, "detail": detail, "raw": raw}) + "\n")
+
+    with open(in_path, encoding="utf-8") as f:
+        total = sum(1 for line in f if line.strip())
+    from tqdm import tqdm
+    read = 0
+    with open(in_path, encoding="utf-8") as f, tqdm(total=total, desc="filter", unit="line",
+                                                    disable=not progress) as bar:
+        for lineno, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            read += 1
+            bar.update(1)
+            raw = raw.rstrip("\n")
+            try:
+                obj = json.loads(raw)
+                sample = parse_record(obj, root)
+            except json.JSONDecodeError as e:
+                drop(lineno, raw, "bad_json", e.msg)
+                continue
+            except FileNotFoundError as e:
+                drop(lineno, raw, "missing_file", str(e))
+                continue
+            except (ValueError, TypeError, KeyError) as e:
+                drop(lineno, raw, "bad_record", str(e))
+                continue
+            paths = sample.get("images") or ([sample["image"]] if "image" in sample else [])
+            text = _record_text(sample)
+            images, reason = [], None
+            for path in paths:
+                image, reason = _load_for_filter(path, max_image_pixels)
+                if reason:
+                    break
+                w, h = image.size
+                if min(w, h) < min_side:
+                    reason = "too_small"
+                elif max(w, h) / min(w, h) > max_aspect:
+                    reason = "aspect_ratio"
+                elif np.asarray(to_rgb(image).convert("L"), dtype=np.float32).std() < solid_std:
+                    reason = "solid_color"
+                if reason:
+                    break
+                images.append(image)
+            if not reason and not min_text_chars <= len(text.strip()) <= max_text_chars:
+                reason = "text_length"
+            exact = hashes = None
+            if not reason and dedup:
+                exact = hashlib.blake2b(b"".join(im.mode.encode() + str(im.size).encode() + im.tobytes()
+                                                 for im in images) or text.encode(), digest_size=16).digest()
+                hashes = [phash(im) for im in images]
+                if exact in exact_seen:
+                    reason = "exact_duplicate"
+                elif any(near.find(h) is not None for h in hashes):
+                    reason = "near_duplicate"
+            if not reason and scorer is not None and images:
+                try:
+                    score = min(float(scorer(im, text)) for im in images)
+                except Exception as e:  # a broken scorer must not lose the run; the line is counted
+                    drop(lineno, raw, "scorer_error", repr(e))
+                    continue
+                if score < min_score:
+                    reason = "low_relevance"
+            if reason:
+                drop(lineno, raw, reason)
+                continue
+            if dedup:
+                exact_seen.add(exact)
+                for h in hashes:
+                    near.add(h)
+            kept.append((lineno, obj, sample, concepts_of(text, vocabulary)))
+    if balance_t is not None:
+        counts = {}
+        for *_, cs in kept:
+            for c in cs:
+                counts[c] = counts.get(c, 0) + 1
+        balanced = []
+        for entry in kept:
+            lineno, obj, _, cs = entry
+            rng = random.Random(_digest("balance", seed, lineno))
+            if not cs or any(rng.random() < balance_t / counts[c] for c in sorted(cs)):
+                balanced.append(entry)
+            else:
+                drop(lineno, json.dumps(obj), "resampled_out")
+        kept = balanced
+    with open(out_path, "w", encoding="utf-8") as out:
+        for lineno, obj, sample, _ in kept:
+            if recaption is not None and "image" in sample and "messages" not in sample:
+                try:
+                    new = recaption(open_image(sample["image"]), sample["text"])
+                    obj = {**obj, "text": str(new), "original_text": sample["text"]}
+                except Exception as e:  # keep the line with its old caption, but say so
+                    dropped["recaption_failed_kept"] = dropped.get("recaption_failed_kept", 0) + 1
+                    if reject_file:
+                        reject_file.write(json.dumps({"line": lineno, "reason": "recaption_failed_kept",
+                                                      "detail": repr(e)}) + "\n")
+            out.write(json.dumps(obj, ensure_ascii=False) + "\n")
+    if reject_file:
+        reject_file.close()
+    return {"read": read, "kept": len(kept), "dropped": dict(sorted(dropped.items(), key=lambda kv: -kv[1]))}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Command line: filter | show | export
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def export_world(out_dir, tasks=TASKS, n: int = 100, kind: str = "sft", split: str = "train", level: int = None,
+                 seed: int = 0, start: int = 0) -> str:
+    """Write n items per task as a JSONL dataset (images as PNG, videos as 2-fps GIFs) into out_dir; returns the
+    JSONL path. Conversations carry their task, answer and level so they double as RL prompts."""
+    os.makedirs(os.path.join(out_dir, "media"), exist_ok=True)
+    path = os.path.join(out_dir, f"{kind}_{split}.jsonl")
+    from tqdm import tqdm
+    with open(path, "w", encoding="utf-8") as f:
+        for task in tasks:
+            for i in tqdm(range(start, start + n), desc=f"export {task}", unit="item"):
+                item = make_item(task, i, seed, split, level)
+                stem = f"media/{task}_{split}_{seed}_{i}"
+                if item.num_frames:
+                    media = stem + ".gif"
+                    item.frames[0].save(os.path.join(out_dir, media), save_all=True, append_images=item.frames[1:],
+                                        duration=int(1000 / item.fps), loop=0)
+                else:
+                    media = stem + ".png"
+                    item.image.save(os.path.join(out_dir, media))
+                tag, key = ("<video>", "videos") if item.num_frames else ("<image>", "images")
+                if kind == "caption":
+                    record = {key[:-1]: media, "text": item.caption}
+                else:
+                    record = {"messages": [{"role": "user", "content": tag + item.question},
+                                           {"role": "assistant", "content": item.reply()}], key: [media],
+                              "task": task, "answer": item.answer, "level": item.level}
+                f.write(json.dumps(record) + "\n")
+    return path
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="GLM-4.1V data tools: the quality pipeline (paper §3.1) and the "
+                                                 "synthetic task world.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    f = sub.add_parser("filter", help="clean a JSONL dataset: heuristics, de-duplication, relevance, concept "
+                                      "balance, recaptioning")
+    f.add_argument("input", help="input JSONL (conversations or {image, text} caption pairs)")
+    f.add_argument("output", help="where the kept lines go")
+    f.add_argument("--min-side", type=int, default=32, help="drop images whose short side is below this (px)")
+    f.add_argument("--max-aspect", type=float, default=20.0, help="drop images with a longer aspect ratio")
+    f.add_argument("--min-text-chars", type=int, default=2, help="drop lines with less text")
+    f.add_argument("--max-text-chars", type=int, default=20_000, help="drop lines with more text")
+    f.add_argument("--solid-std", type=float, default=2.0, help="drop images whose grey std is below this")
+    f.add_argument("--no-dedup", action="store_true", help="keep exact and near duplicates")
+    f.add_argument("--phash-distance", type=int, default=4, help="near duplicate: perceptual hashes within this "
+                                                                 "many bits")
+    f.add_argument("--scorer", help="relevance scorer module:function(image, text) -> float, e.g. a CLIP score")
+    f.add_argument("--min-score", type=float, default=0.3, help="keep lines the scorer rates at least this")
+    f.add_argument("--balance-t", type=int, help="concept-balanced resampling: at most about this many lines per "
+                                                 "concept")
+    f.add_argument("--concepts", help="concept vocabulary file, one word or phrase per line (default: content "
+                                      "words)")
+    f.add_argument("--recaption", help="recaption hook module:function(image, text) -> new caption")
+    f.add_argument("--max-image-pixels", type=int, default=89_478_485, help="decompression-bomb limit (pixels)")
+    f.add_argument("--rejects", help="write every dropped line with its reason to this JSONL")
+    f.add_argument("--seed", type=int, default=0, help="seed of the concept resampling")
+    s = sub.add_parser("show", help="write a contact sheet of synthetic items")
+    s.add_argument("--domain", default="all", help=f"one of {', '.join(TASKS)}, or all")
+    s.add_argument("--n", type=int, default=8, help="items per domain")
+    s.add_argument("--out", default="grid.png", help="PNG to write")
+    s.add_argument("--level", type=int, choices=LEVELS, help="difficulty (default: cycles 1–5)")
+    s.add_argument("--split", default="train", choices=SPLITS, help="which split")
+    s.add_argument("--seed", type=int, default=0, help="world seed")
+    s.add_argument("--start", type=int, default=0, help="first item index")
+    s.add_argument("--columns", type=int, default=4, help="tiles per row")
+    e = sub.add_parser("export", help="write synthetic items as a JSONL dataset with image files")
+    e.add_argument("out_dir", help="output folder")
+    e.add_argument("--domain", default="all", help=f"one of {', '.join(TASKS)}, or all")
+    e.add_argument("--n", type=int, default=100, help="items per domain")
+    e.add_argument("--kind", default="sft", choices=("sft", "caption"), help="conversations or caption pairs")
+    e.add_argument("--level", type=int, choices=LEVELS, help="difficulty (default: cycles 1–5)")
+    e.add_argument("--split", default="train", choices=SPLITS, help="which split")
+    e.add_argument("--seed", type=int, default=0, help="world seed")
+    args = parser.parse_args(argv)
+
+    if args.command == "filter":
+        concepts = None
+        if args.concepts:
+            with open(args.concepts, encoding="utf-8") as fh:
+                concepts = fh.read().splitlines()
+        summary = quality_filter(
+            args.input, args.output, min_side=args.min_side, max_aspect=args.max_aspect,
+            min_text_chars=args.min_text_chars, max_text_chars=args.max_text_chars, solid_std=args.solid_std,
+            dedup=not args.no_dedup, phash_distance=args.phash_distance,
+            scorer=import_callable(args.scorer) if args.scorer else None, min_score=args.min_score,
+            balance_t=args.balance_t, concepts=concepts,
+            recaption=import_callable(args.recaption) if args.recaption else None,
+            max_image_pixels=args.max_image_pixels, rejects=args.rejects, seed=args.seed)
+        print(f"read {summary['read']} lines, kept {summary['kept']}, dropped "
+              f"{summary['read'] - summary['kept']}")
+        for reason, count in summary["dropped"].items():
+            print(f"  {reason:<24}{count}")
+        return summary
+    tasks = TASKS if args.domain == "all" else (args.domain,)
+    if any(t not in TASKS for t in tasks):
+        parser.error(f"--domain must be one of {', '.join(TASKS)} or all")
+    if args.command == "show":
+        items = [make_item(t, i, args.seed, args.split, args.level) for t in tasks
+                 for i in range(args.start, args.start + args.n)]
+        contact_sheet(items, columns=args.columns).save(args.out)
+        print(f"wrote {args.out}: {len(items)} items")
+        return args.out
+    path = export_world(args.out_dir, tasks, args.n, args.kind, args.split, args.level, args.seed)
+    print(f"wrote {path}")
+    return path
+
+
+# --- benchmarks (called by bench.py) ---
+
+
+def bench_data(device="cpu"):
+    """Throughput of the data side on the CPU: the synthetic generator, the packer feeding a tiny training run
+    (peer: how many samples per second the tiny model's training step consumes, measured here), and the image
+    processor on a few sizes."""
+    import model as M
+
+    torch.manual_seed(0)
+    tok, rows = tiny_tokenizer(), []
+
+    def rate(fn, min_time=1.0):
+        fn()  # warm up
+        n, start = 0, time.perf_counter()
+        while time.perf_counter() - start < min_time:
+            n += fn()
+        return n / (time.perf_counter() - start)
+
+    counter = iter(range(10 ** 9))
+
+    def one_item():
+        i = next(counter)
+        make_item(TASKS[i % len(TASKS)], i // len(TASKS))
+        return 1
+    items = rate(one_item)
+    rows.append(dict(name="synthetic items (rendered)", ours=items, peer=None, ratio=None, units="items/s"))
+    loader = PackedLoader(SyntheticSource("sft"), tok, seq_len=1024)
+    stream = iter(loader)
+    packed = rate(lambda: len(next(stream)[0]["samples"]))
+    cfg = M.PRESETS["tiny"]
+    net = M.GLM4V(cfg).to(device)
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
+    batch = loader.batch(0)[0]
+
+    def train_step():
+        b = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        logits = net(b["input_ids"], pixel_values=b["pixel_values"], image_grid_thw=b["image_grid_thw"],
+                     pixel_values_videos=b["pixel_values_videos"], video_grid_thw=b["video_grid_thw"],
+                     position_ids=b["position_ids"], cu_seqlens=b["cu_seqlens"])
+        loss = torch.nn.functional.cross_entropy(logits[0, :-1].float(), b["labels"][0, 1:], ignore_index=-100)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return len(batch["samples"])
+    consumed = rate(train_step, min_time=2.0)
+    rows.append(dict(name="packed SFT samples, 1 process vs tiny train step", ours=packed, peer=consumed,
+                     ratio=packed / consumed, units="samples/s"))
+    for w, h in ((112, 112), (448, 448), (1280, 720)):
+        image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (h, w, 3), dtype=np.uint8))
+        rows.append(dict(name=f"process_image {w}x{h}", ours=rate(lambda: process_image(image) and 1), peer=None,
+                         ratio=None, units="images/s"))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
