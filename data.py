@@ -5,7 +5,7 @@ default data for pretraining, SFT and RL (no download needed).
     PIL image ──process_image──► pixel_values (N, 3·2·14·14), image_grid_thw (1, 3)
     frames | folder | GIF | mp4 ──process_video──► Video(pixel_values_videos, video_grid_thw, timestamps)
     messages + images/videos ──render_chat──► input_ids, loss_mask + the vision tensors
-    JSONL | synthetic world ──PackedLoader──► fixed-length packs: input_ids, labels, position_ids, cu_seqlens, pixels
+    JSONL | synthetic world ──PackedLoader──► fixed-length packs (input_ids, labels, positions, cu_seqlens)
     python data.py filter IN.jsonl OUT.jsonl   the quality pipeline (paper §3.1)
     python data.py show --domain grounding --n 8 --out grid.png   a contact sheet of the synthetic world
 
@@ -34,7 +34,6 @@ import argparse
 import dataclasses
 import hashlib
 import importlib
-import io
 import json
 import math
 import os
@@ -47,8 +46,10 @@ from fractions import Fraction
 from functools import lru_cache
 
 import numpy as np
+import tokenizers
 import torch
 from PIL import Image, ImageDraw, ImageFont, ImageSequence
+from tqdm import tqdm
 
 # ---------------------------------------------------------------------------------------------------------------
 # The image processor (paper §2: native resolution, 2×2 merge, temporal patch of 2)
@@ -207,8 +208,17 @@ def _natural_key(name: str):
     return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", name)]
 
 
-def _read_pyav(path: str):
-    """All frames of a video file with PyAV (optional dependency) -> (frames, fps, duration)."""
+def frame_files(folder) -> list:
+    """The image files of a folder of video frames, in natural order (frame2 before frame10)."""
+    names = sorted((n for n in os.listdir(folder) if n.lower().endswith(FRAME_EXTENSIONS)), key=_natural_key)
+    if not names:
+        raise ValueError(f"{folder}: folder holds no frames ({', '.join(FRAME_EXTENSIONS)})")
+    return [os.path.join(folder, n) for n in names]
+
+
+def _read_pyav(path: str, pick):
+    """Frames of a video file with PyAV (an optional dependency) -> (frames, fps, duration). Only the frames that
+    `pick(total, fps, duration)` names are decoded into images; the others stay None (long videos stay cheap)."""
     try:
         import av
     except ImportError as e:
@@ -216,21 +226,28 @@ def _read_pyav(path: str):
                           "folder of frames or an animated GIF") from e
     try:
         with av.open(path) as container:
+            if not container.streams.video:
+                raise ValueError(f"{path}: no video stream")
             stream = container.streams.video[0]
             fps = float(stream.average_rate or stream.guessed_rate or 24)
             duration = float(stream.duration * stream.time_base) if stream.duration else (
                 container.duration / 1e6 if container.duration else None)
-            frames = [frame.to_image() for frame in container.decode(stream)]
+            total = stream.frames  # 0 when the container does not say: then decode everything
+            keep = set(pick(total, fps, duration)) if total else None
+            frames = []
+            for i, frame in enumerate(container.decode(stream)):
+                frames.append(frame.to_image() if keep is None or i in keep else None)
     except av.error.FFmpegError as e:
         raise ValueError(f"{path}: unreadable video ({e})") from e
     return frames, fps, duration
 
 
-def load_frames(video, source_fps: float = None, default_fps: float = 2.0):
+def load_frames(video, source_fps: float = None, default_fps: float = 2.0, max_frames: int = None):
     """The frames of a video given as a list of PIL images (or image paths), a folder of image files (natural sort
     order), an animated GIF/WebP/PNG (frame durations honoured) or a video file (PyAV) -> (frames at a constant
     rate, source_fps, duration). A list or folder has no timing of its own: its frames are 1/source_fps apart
-    (default: `default_fps`)."""
+    (default: `default_fps`). Of a video file only the frames sampling at default_fps keeps are decoded (the
+    others are None)."""
     if isinstance(video, (list, tuple)):
         if not video:
             raise ValueError("a video needs at least one frame")
@@ -241,13 +258,12 @@ def load_frames(video, source_fps: float = None, default_fps: float = 2.0):
     if not os.path.exists(path):
         raise FileNotFoundError(f"video not found: {path}")
     if os.path.isdir(path):
-        names = sorted((n for n in os.listdir(path) if n.lower().endswith(FRAME_EXTENSIONS)), key=_natural_key)
-        if not names:
-            raise ValueError(f"{path}: folder holds no frames ({', '.join(FRAME_EXTENSIONS)})")
+        files = frame_files(path)
         fps = source_fps or default_fps
-        return [open_image(os.path.join(path, n)) for n in names], fps, len(names) / fps
+        return [open_image(f) for f in files], fps, len(files) / fps
     if path.lower().endswith(VIDEO_EXTENSIONS):
-        frames, fps, duration = _read_pyav(path)
+        frames, fps, duration = _read_pyav(path, lambda total, fps, duration: sample_frame_indices(
+            total, source_fps or fps, default_fps, duration, max_frames))
         if not frames:
             raise ValueError(f"{path}: the video has no frames")
         return frames, source_fps or fps, duration
@@ -272,7 +288,7 @@ def process_video(video, fps: float = 2.0, max_frames: int = None, min_pixels: i
     count repeats the last frame), resized together to one size with t·h·w within [min_pixels, max_pixels], and
     keep their timestamps. `source_fps` is the spacing of a frame list or folder (default: `fps`, i.e. every
     frame is kept) or overrides a file's own frame rate."""
-    frames, src_fps, duration = load_frames(video, source_fps, default_fps=fps)
+    frames, src_fps, duration = load_frames(video, source_fps, default_fps=fps, max_frames=max_frames)
     indices = sample_frame_indices(len(frames), src_fps, fps, duration, max_frames)
     sizes = {frames[i].size for i in indices}
     if len(sizes) > 1:
@@ -372,14 +388,12 @@ class Tokenizer:
 def load_tokenizer(path) -> Tokenizer:
     """A released `tokenizer.json` (or a directory holding one, e.g. a checkpoint) -> Tokenizer; special tokens are
     looked up by string, so the 9B's ids and the tiny preset's both come out right."""
-    from tokenizers import Tokenizer as Backend
-
     path = os.fspath(path)
     file = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
     if not os.path.exists(file):
         raise FileNotFoundError(f"no tokenizer.json at {path}")
     try:
-        backend = Backend.from_file(file)
+        backend = tokenizers.Tokenizer.from_file(file)
     except Exception as e:  # tokenizers raises a bare Exception on malformed files
         raise ValueError(f"{file}: not a valid tokenizer.json ({e})") from e
     return Tokenizer(backend, source=file)
@@ -402,14 +416,12 @@ def _bytes_to_unicode() -> dict:
 def tiny_tokenizer() -> Tokenizer:
     """The tiny preset's tokenizer: ids 0–255 are raw UTF-8 bytes (every character costs its byte count), 256–277
     the GLM special tokens in CONTRACT.md order, 278–319 reserved; vocab 320."""
-    from tokenizers import AddedToken, Tokenizer as Backend, decoders, models, pre_tokenizers
-
     symbols = _bytes_to_unicode()
-    backend = Backend(models.BPE(vocab={symbols[b]: b for b in range(256)}, merges=[]))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    backend.decoder = decoders.ByteLevel()
+    backend = tokenizers.Tokenizer(tokenizers.models.BPE(vocab={symbols[b]: b for b in range(256)}, merges=[]))
+    backend.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = tokenizers.decoders.ByteLevel()
     reserved = [f"<|reserved_{i}|>" for i in range(256 + len(TINY_SPECIAL_TOKENS), TINY_VOCAB_SIZE)]
-    backend.add_special_tokens([AddedToken(s, special=True, normalized=False)
+    backend.add_special_tokens([tokenizers.AddedToken(s, special=True, normalized=False)
                                 for s in TINY_SPECIAL_TOKENS + tuple(reserved)])
     assert backend.get_vocab_size() == TINY_VOCAB_SIZE and backend.token_to_id("<|endoftext|>") == 256
     return Tokenizer(backend, source="tiny byte-level tokenizer")
@@ -565,6 +577,11 @@ def render_chat(messages, tokenizer: Tokenizer, images=(), videos=(), thinking: 
     return dict(input_ids=input_ids, loss_mask=loss_mask, **tensors, text=text)
 
 
+def _caption_pieces(text: str, image_tokens, videos):
+    vision = "".join(_image_text(n) for n in image_tokens) + "".join(_video_text(*v) for v in videos)
+    return [("[gMASK]<sop>" + vision, False), (text + "<|endoftext|>", True)]
+
+
 def render_caption(text: str, tokenizer: Tokenizer, image=None, video=None, *, min_pixels: int = IMAGE_MIN_PIXELS,
                    max_pixels: int = IMAGE_MAX_PIXELS, video_fps: float = 2.0) -> dict:
     """A caption pair for pretraining (paper §3.1) -> `[gMASK]<sop>` + image (or video) block + text +
@@ -572,9 +589,7 @@ def render_caption(text: str, tokenizer: Tokenizer, image=None, video=None, *, m
     tensors, tokens, layouts = _vision_tensors([image] if image is not None else [],
                                                [video] if video is not None else [],
                                                dict(min_pixels=min_pixels, max_pixels=max_pixels), dict(fps=video_fps))
-    vision = "".join(_image_text(n) for n in tokens) + "".join(_video_text(*v) for v in layouts)
-    pieces = [("[gMASK]<sop>" + vision, False), (text + "<|endoftext|>", True)]
-    input_ids, loss_mask, full = _tokenize_pieces(pieces, tokenizer)
+    input_ids, loss_mask, full = _tokenize_pieces(_caption_pieces(text, tokens, layouts), tokenizer)
     return dict(input_ids=input_ids, loss_mask=loss_mask, **tensors, text=full)
 
 
@@ -911,35 +926,27 @@ def _gen_chart(rng, level):
         values = [Fraction(rng.randint(2, 80), 2) for _ in range(k)]
     else:
         values = [Fraction(rng.randint(1, 20 if level == 1 else 50 if level < 5 else 60)) for _ in range(k)]
+    val = dict(zip(labels, values))
+
+    def named(lab):
+        return f"{lab}={_num(val[lab])}"
     form = rng.randrange(2)
-    if level <= 2:
-        i = rng.randrange(k)
-        question, answer, reasoning = f"What is the value of bar {labels[i]}?", _num(values[i]), f"{labels[i]}={_num(values[i])}"
-    elif level == 3 and form == 0:
-        i, j = sorted(rng.sample(range(k), 2))
-        s = values[i] + values[j]
-        question = f"What is {labels[i]} plus {labels[j]}?"
-        answer, reasoning = _num(s), f"{labels[i]}={_num(values[i])}, {labels[j]}={_num(values[j])}, " \
-                                     f"{_num(values[i])}+{_num(values[j])}={_num(s)}"
-    elif level == 3:
+    if level <= 2:  # read one value
+        a = rng.choice(labels)
+        question, answer, reasoning = f"What is the value of bar {a}?", _num(val[a]), named(a)
+    elif level == 4 or (level == 3 and form == 0):  # add (level 3) or subtract (level 4) two values
+        a, b = sorted(rng.sample(labels, 2)) if level == 3 else rng.sample(labels, 2)
+        word, sign, result = ("plus", "+", val[a] + val[b]) if level == 3 else ("minus", "-", val[a] - val[b])
+        question, answer = f"What is {a} {word} {b}?", _num(result)
+        reasoning = f"{named(a)}, {named(b)}, {_num(val[a])}{sign}{_num(val[b])}={answer}"
+    elif level == 3 or form == 0:  # the maximum (level 5: its year)
         if values.count(max(values)) > 1:
             raise _Retry
-        i = values.index(max(values))
-        question, answer, reasoning = "What is the largest value?", _num(values[i]), f"max is {labels[i]}={_num(values[i])}"
-    elif level == 4:
-        i, j = rng.sample(range(k), 2)
-        diff = values[i] - values[j]
-        question = f"What is {labels[i]} minus {labels[j]}?"
-        answer, reasoning = _num(diff), f"{labels[i]}={_num(values[i])}, {labels[j]}={_num(values[j])}, " \
-                                        f"{_num(values[i])}-{_num(values[j])}={_num(diff)}"
-    elif form == 0:
-        if values.count(max(values)) > 1:
-            raise _Retry
-        i = values.index(max(values))
-        question, answer, reasoning = "Which year has the highest value?", labels[i], f"max is {labels[i]}={_num(values[i])}"
-    else:
-        total = sum(values)
-        question, answer = "What is the total of all values?", _num(total)
+        a = max(labels, key=val.get)
+        question = "What is the largest value?" if level == 3 else "Which year has the highest value?"
+        answer, reasoning = (_num(val[a]) if level == 3 else a), f"max is {named(a)}"
+    else:  # level 5: the total
+        question, answer = "What is the total of all values?", _num(sum(values))
         reasoning = "+".join(_num(v) for v in values) + f"={answer}"
     font = 10 if level >= 3 else 11
     base, top = height - 16, 16  # bar baseline and the highest bar's top
@@ -1297,9 +1304,12 @@ def _sized_layout(images, videos, fps: float = VIDEO_FPS):
             layouts.append((video.video_grid_thw, video.timestamps))
         elif isinstance(video, Unrendered):
             layouts.append(video_layout(video.num_frames, video.size, fps=fps, source_fps=video.fps))
-        elif isinstance(video, (list, tuple)) and all(isinstance(f, Image.Image) for f in video):
-            layouts.append(video_layout(len(video), video[0].size, fps=fps))
-        else:  # files: decoding is the only sure way to know the frame count
+        elif isinstance(video, (list, tuple)):  # frames (images or paths), 1/fps apart
+            layouts.append(video_layout(len(video), _image_size(video[0]), fps=fps))
+        elif os.path.isdir(video):
+            files = frame_files(video)
+            layouts.append(video_layout(len(files), _image_size(files[0]), fps=fps))
+        else:  # a GIF or video file: decoding is the only sure way to know its frames and timing
             processed = process_video(video, fps=fps)
             layouts.append((processed.video_grid_thw, processed.timestamps))
     return tokens, layouts
@@ -1322,9 +1332,7 @@ def encode_sample(sample: dict, tokenizer: Tokenizer, sizes_only: bool = False) 
             return render_caption(sample["text"], tokenizer, image=sample.get("image"), video=sample.get("video"))
         tokens, layouts = _sized_layout([sample["image"]] if sample.get("image") is not None else [],
                                         [sample["video"]] if sample.get("video") is not None else [])
-        vision = "".join(_image_text(n) for n in tokens) + "".join(_video_text(*v) for v in layouts)
-        input_ids, loss_mask, text = _tokenize_pieces(
-            [("[gMASK]<sop>" + vision, False), (sample["text"] + "<|endoftext|>", True)], tokenizer)
+        input_ids, loss_mask, text = _tokenize_pieces(_caption_pieces(sample["text"], tokens, layouts), tokenizer)
         return dict(input_ids=input_ids, loss_mask=loss_mask, text=text)
     raise ValueError(f"a sample needs 'messages' or 'image'/'video' + 'text', got keys {sorted(sample)}")
 
@@ -1794,7 +1802,6 @@ def quality_filter(in_path, out_path, *, min_side: int = 32, max_aspect: float =
 
     with open(in_path, encoding="utf-8") as f:
         total = sum(1 for line in f if line.strip())
-    from tqdm import tqdm
     read = 0
     with open(in_path, encoding="utf-8") as f, tqdm(total=total, desc="filter", unit="line",
                                                     disable=not progress) as bar:
@@ -1902,7 +1909,6 @@ def export_world(out_dir, tasks=TASKS, n: int = 100, kind: str = "sft", split: s
     JSONL path. Conversations carry their task, answer and level so they double as RL prompts."""
     os.makedirs(os.path.join(out_dir, "media"), exist_ok=True)
     path = os.path.join(out_dir, f"{kind}_{split}.jsonl")
-    from tqdm import tqdm
     with open(path, "w", encoding="utf-8") as f:
         for task in tasks:
             for i in tqdm(range(start, start + n), desc=f"export {task}", unit="item"):

@@ -12,7 +12,7 @@ from fractions import Fraction
 import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 
 import data as D
 
@@ -203,11 +203,33 @@ def test_video_from_folder_gif_and_errors(tmp_path):
     (tmp_path / "clip.mp4").write_bytes(b"\x00" * 64)
     try:
         import av  # noqa: F401
+        with pytest.raises(ValueError, match="clip.mp4"):
+            D.process_video(tmp_path / "clip.mp4")
     except ImportError:
         with pytest.raises(ImportError, match="PyAV"):
             D.process_video(tmp_path / "clip.mp4")
     with pytest.raises(ValueError, match="differ in size"):
         D.process_video([Image.new("RGB", (56, 56)), Image.new("RGB", (84, 56))])
+
+
+def test_mp4_with_pyav(tmp_path):
+    av = pytest.importorskip("av")
+    path = str(tmp_path / "clip.mp4")
+    with av.open(path, "w") as container:
+        stream = container.add_stream("mpeg4", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 112, 84, "yuv420p"
+        for i in range(35):
+            frame = np.zeros((84, 112, 3), np.uint8)
+            frame[:, :, 0] = i * 7
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    video = D.process_video(path, fps=2.0)  # 3.5 s at 10 fps: frames 0, 5, … 30, the last repeated
+    assert video.frame_times == [0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 3.0] and video.timestamps == [0, 1, 2, 3]
+    assert video.video_grid_thw.tolist() == [[4, 6, 8]]
+    frames, fps, _ = D.load_frames(path)
+    assert fps == 10 and len(frames) == 35 and sum(f is not None for f in frames) == 7  # only kept frames decoded
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -353,16 +375,24 @@ def test_jsonl_source_formats_and_lengths(tmp_path, tok):
         {"messages": [{"role": "user", "content": [{"type": "image", "image": "b.png"}, {"type": "text", "text": "?"}]},
                       {"role": "assistant", "content": "B."}], "thinking": False},
         {"image": "a.png", "text": "a caption"},
+        {"messages": [{"role": "user", "content": "<video>When?"}, {"role": "assistant", "content": "Now."}],
+         "videos": [["f/0.png", "f/1.png", "f/2.png"]]},
+        {"video": "f", "text": "three frames"},
     ])
+    (tmp_path / "f").mkdir()
+    for i, frame in enumerate(frames_of(3, seed=4)):
+        frame.save(tmp_path / "f" / f"{i}.png")
     src = D.JsonlSource(path)
-    assert src.size == 3 and src.where(2).endswith("d.jsonl:4")
-    for i in range(3):
+    assert src.size == 5 and src.where(2).endswith("d.jsonl:4")
+    for i in range(5):
         enc = src.encode(i, tok)
         assert src.length(i, tok) == len(enc["input_ids"])
     first = src.encode(0, tok)
     assert "<|end_of_image|>What is it?<|assistant|>\nA.<|endoftext|>" in first["text"]
     assert "<think></think>B." in src.encode(1, tok)["text"]
     assert masked_text(tok, src.encode(2, tok)) == "a caption<|endoftext|>"
+    assert src.encode(3, tok)["video_grid_thw"].tolist() == [[2, 4, 6]]
+    assert torch.equal(src.encode(4, tok)["pixel_values_videos"], src.encode(3, tok)["pixel_values_videos"])
 
 
 @pytest.mark.parametrize("line, message", [
