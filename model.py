@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field, fields
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 import kernels
 import rope2d
@@ -248,7 +249,14 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(cfg)
         self.post_mlp_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
+    activation_checkpointing = False  # set by the trainer: recompute this layer in the backward pass
+
     def forward(self, x, position_ids, cu_seqlens=None, input_pos=None, cache_mask=None):
+        if self.activation_checkpointing and torch.is_grad_enabled():
+            return checkpoint(self._forward, x, position_ids, cu_seqlens, input_pos, cache_mask, use_reentrant=False)
+        return self._forward(x, position_ids, cu_seqlens, input_pos, cache_mask)
+
+    def _forward(self, x, position_ids, cu_seqlens=None, input_pos=None, cache_mask=None):
         x = x + self.post_self_attn_layernorm(
             self.self_attn(self.input_layernorm(x), position_ids, cu_seqlens, input_pos, cache_mask))
         return x + self.post_mlp_layernorm(self.mlp(self.post_attention_layernorm(x)))
@@ -265,6 +273,23 @@ class TextModel(nn.Module):
         for layer in self.layers:
             x = layer(x, position_ids, cu_seqlens, input_pos, cache_mask)
         return self.norm(x)
+
+
+def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int = 4096):
+    """log p(target) for each row of hidden (N, C) under logits = hidden @ weight.T; 0 where target == -100.
+
+    Works through chunks of rows, recomputing each chunk's logits in the backward pass, so the (N, vocab) fp32
+    logits — 5 GB for 8k tokens of a 151k vocabulary — never exist at once."""
+    def chunk_logprobs(h, t):
+        logits = (h @ weight.T).float()
+        picked = logits.gather(-1, t.clamp(min=0)[:, None])[:, 0]
+        return torch.where(t >= 0, picked - logits.logsumexp(-1), 0.0)
+
+    parts = []
+    for h, t in zip(hidden.split(chunk_size), targets.split(chunk_size)):
+        parts.append(checkpoint(chunk_logprobs, h, t, use_reentrant=False) if torch.is_grad_enabled()
+                     else chunk_logprobs(h, t))
+    return torch.cat(parts)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -326,13 +351,15 @@ class GLM4V(nn.Module):
     # --- forward -------------------------------------------------------------------------------------------
 
     def forward(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
-                pixel_values_videos=None, video_grid_thw=None, position_ids=None, cu_seqlens=None,
-                return_hidden=False):
-        """Logits (B, T, vocab) — or final hidden states (B, T, C) with `return_hidden=True` (for chunked losses).
+                pixel_values_videos=None, video_grid_thw=None, position_ids=None, cu_seqlens=None, labels=None):
+        """Logits (B, T, vocab); or, given `labels` (B, T), the log-probability of each label token (B, T).
 
         `attention_mask` (B, T) marks real tokens (left or right padding); padded positions come back as zeros.
         For packed training pass input_ids (1, T), position_ids (3, 1, T) and cu_seqlens (n+1,) of the samples.
-        3D positions are derived from input_ids and the grids when not given."""
+        3D positions are derived from input_ids and the grids when not given.
+        `labels` follow the Hugging Face convention (not shifted; -100 = no loss): out[b, t] is
+        log p(labels[b, t] | tokens before t), 0 where labels[b, t] == -100 — the training loss is its negated
+        mean, and RL's policy ratios come from it. The logits are then computed in chunks and never returned."""
         B, T = input_ids.shape
         x = self.embed(input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)
         if position_ids is None:
@@ -340,22 +367,29 @@ class GLM4V(nn.Module):
                                                     **self.cfg.rope_index_kwargs())
         if cu_seqlens is not None and attention_mask is not None:
             raise ValueError("pass either cu_seqlens (packed samples) or attention_mask (padded rows), not both")
-        if attention_mask is None:
-            keep = None
-            lengths = torch.full((B,), T, device=input_ids.device)
-        else:
-            keep = attention_mask.bool()
-            lengths = keep.sum(-1)
+        keep = None if attention_mask is None else attention_mask.bool()
         if cu_seqlens is None:
+            lengths = torch.full((B,), T, device=input_ids.device) if keep is None else keep.sum(-1)
             cu_seqlens = F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
-        # pack: (B, T, C) -> (N, C) of real tokens only
-        x = x.flatten(0, 1) if keep is None else x[keep]
+        cu_seqlens = cu_seqlens.to(x.device)
+
+        def pack(t):  # (B, T, ...) -> (N, ...) of real tokens only
+            return t.flatten(0, 1) if keep is None else t[keep]
+
+        def unpack(t):  # (N, ...) -> (B, T, ...), zeros at padding
+            if keep is None:
+                return t.view(B, T, *t.shape[1:])
+            return t.new_zeros(B, T, *t.shape[1:]).index_put_((keep,), t)
+
         positions = position_ids.flatten(1) if keep is None else position_ids[:, keep]
-        h = self.model.language_model(x, positions, cu_seqlens.to(x.device))
-        out = h if return_hidden else self.lm_head(h)
-        if keep is None:
-            return out.view(B, T, -1)
-        return out.new_zeros(B, T, out.shape[-1]).masked_scatter(keep[..., None], out)
+        h = self.model.language_model(pack(x), positions, cu_seqlens)
+        if labels is None:
+            return unpack(self.lm_head(h))
+        # position i predicts token i+1 of its own sequence; the last token of a sequence predicts nothing
+        targets = pack(labels).roll(-1)
+        targets[cu_seqlens[1:].long() - 1] = -100
+        logprobs = token_logprobs(h, self.lm_head.weight, targets)
+        return unpack(logprobs.roll(1))  # back to the positions of the predicted tokens
 
     # --- generation with a static KV cache (used by sample.py) ---------------------------------------------
 
