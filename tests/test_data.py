@@ -488,7 +488,16 @@ def test_pack_boundaries_positions_labels_and_vision(tok):
             assert pack["pixel_values_videos"] is None and pack["video_grid_thw"] is None
 
 
-def test_no_attention_across_packed_samples(tok):
+@pytest.fixture
+def one_thread():
+    """Tiny matmuls gain nothing from threads, which only spin against whatever else shares the CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_no_attention_across_packed_samples(tok, one_thread):
     """The tiny model gives every sample the same logits inside the pack as alone."""
     import model as M
     torch.manual_seed(0)
