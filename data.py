@@ -1234,7 +1234,7 @@ def answer_boxes(item: Item) -> list:
     return []
 
 
-def contact_sheet(items, columns: int = 4, tile: int = 224) -> Image.Image:
+def contact_sheet(items, columns: int = 4, tile: int = 240) -> Image.Image:
     """A grid of items a person can check at a glance: the image (video frames in a strip), the task, level,
     question and answer; grounding and GUI targets are outlined in magenta."""
     text_h, font = 100, _font(11)
@@ -1255,7 +1255,8 @@ def contact_sheet(items, columns: int = 4, tile: int = 224) -> Image.Image:
             for box in answer_boxes(item):  # drawn from the answer string itself, so the sheet checks it
                 x0, y0, x1, y1 = (v * s / 1000 for v, s in zip(box, image.size * 2))
                 ImageDraw.Draw(image).rectangle((x0, y0, x1 - 1, y1 - 1), outline=(255, 0, 255))
-            scale = min((tile - 8) / image.width, (tile - 8) / image.height, 2.0)
+            fit = min((tile - 8) / image.width, (tile - 8) / image.height)
+            scale = min(2, math.floor(fit)) if fit >= 1 else fit  # whole-pixel zoom keeps small text legible
             image = image.resize((round(image.width * scale), round(image.height * scale)), Image.Resampling.NEAREST)
             sheet.paste(image, (x + 4, y + 4))
         lines = [f"{item.task} L{item.level} {item.split} #{item.index}"]

@@ -954,6 +954,6 @@ def test_show_cli_writes_a_contact_sheet(tmp_path):
     out = tmp_path / "grid.png"
     D.main(["show", "--domain", "grounding", "--n", "8", "--out", str(out)])
     sheet = Image.open(out)
-    assert sheet.size == (4 * 224, 2 * (224 + 100))
+    assert sheet.size == (4 * 240, 2 * (240 + 100))
     magenta = colour_mask(sheet.convert("RGB"), (255, 0, 255))
     assert magenta.sum() > 100  # the answer boxes are outlined
