@@ -123,7 +123,19 @@ def bench_rewards(args) -> list:
     return rewards.bench_rewards(args.device)
 
 
-SECTIONS = {"vision": bench_vision, "rewards": bench_rewards}
+def bench_data(args) -> list:
+    import data
+
+    return data.bench_data(args.device)
+
+
+def bench_kernels(args) -> list:
+    import kernels
+
+    return kernels.bench_kernels(args.device)
+
+
+SECTIONS = {"vision": bench_vision, "kernels": bench_kernels, "data": bench_data, "rewards": bench_rewards}
 COLUMNS = ("name", "ours", "peer", "ratio", "units")
 
 

@@ -706,8 +706,7 @@ class _Rope(torch.autograd.Function):
 def _vision_inv_freq(head_dim: int, theta: float, device) -> torch.Tensor:
     """(head_dim/2,): the head_dim/4 frequencies of rope2d.vision_rope_cos_sin, once for rows and once for cols."""
     with torch.inference_mode(False):  # cached: a first call during generation must not leave an inference tensor
-        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim // 2, 2, dtype=torch.float32, device=device)
-                                    / (head_dim // 2)))
+        inv_freq = rope2d.vision_inv_freq(head_dim, theta, device)
         return torch.cat([inv_freq, inv_freq])
 
 
@@ -715,7 +714,7 @@ def _vision_inv_freq(head_dim: int, theta: float, device) -> torch.Tensor:
 def _mrope_inv_freq(rotary_dim: int, theta: float, device) -> torch.Tensor:
     """(rotary_dim/2,): the frequencies of rope2d.mrope_cos_sin."""
     with torch.inference_mode(False):
-        return 1.0 / (theta ** (torch.arange(0, rotary_dim, 2, dtype=torch.float32, device=device) / rotary_dim))
+        return rope2d.mrope_inv_freq(rotary_dim, theta, device)
 
 
 def rope_vision_torch(q, k, coords, theta=10000.0):

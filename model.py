@@ -206,7 +206,7 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, cfg.hidden_size, bias=False)
         self.kv_cache = None
 
-    def forward(self, x, position_ids, cu_seqlens=None, input_pos=None, cache_mask=None):
+    def forward(self, x, position_ids, cu_seqlens=None, max_seqlen=None, input_pos=None, cache_mask=None):
         """Packed: x (N, C), position_ids (3, N), cu_seqlens → causal attention inside each sequence.
         Cached (generation): x (B, T, C), position_ids (3, B, T), input_pos (T,), cache_mask (B, 1, T, S)."""
         shape = x.shape[:-1]
@@ -215,7 +215,7 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(*shape, self.num_kv_heads, self.head_dim)
         q, k = kernels.mrope(q, k, position_ids, self.cfg.rotary_dim, self.cfg.mrope_section, self.cfg.rope_theta)
         if input_pos is None:
-            out = kernels.flash_attention(q, k, v, cu_seqlens, causal=True)
+            out = kernels.flash_attention(q, k, v, cu_seqlens, causal=True, max_seqlen=max_seqlen)
         else:
             q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
             k, v = self.kv_cache.update(input_pos, k, v)
@@ -251,14 +251,15 @@ class DecoderLayer(nn.Module):
 
     activation_checkpointing = False  # set by the trainer: recompute this layer in the backward pass
 
-    def forward(self, x, position_ids, cu_seqlens=None, input_pos=None, cache_mask=None):
+    def forward(self, x, position_ids, cu_seqlens=None, max_seqlen=None, input_pos=None, cache_mask=None):
+        args = (x, position_ids, cu_seqlens, max_seqlen, input_pos, cache_mask)
         if self.activation_checkpointing and torch.is_grad_enabled():
-            return checkpoint(self._forward, x, position_ids, cu_seqlens, input_pos, cache_mask, use_reentrant=False)
-        return self._forward(x, position_ids, cu_seqlens, input_pos, cache_mask)
+            return checkpoint(self._forward, *args, use_reentrant=False)
+        return self._forward(*args)
 
-    def _forward(self, x, position_ids, cu_seqlens=None, input_pos=None, cache_mask=None):
+    def _forward(self, x, position_ids, cu_seqlens=None, max_seqlen=None, input_pos=None, cache_mask=None):
         x = x + self.post_self_attn_layernorm(
-            self.self_attn(self.input_layernorm(x), position_ids, cu_seqlens, input_pos, cache_mask))
+            self.self_attn(self.input_layernorm(x), position_ids, cu_seqlens, max_seqlen, input_pos, cache_mask))
         return x + self.post_mlp_layernorm(self.mlp(self.post_attention_layernorm(x)))
 
 
@@ -269,9 +270,9 @@ class TextModel(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, position_ids, cu_seqlens=None, input_pos=None, cache_mask=None):
+    def forward(self, x, position_ids, cu_seqlens=None, max_seqlen=None, input_pos=None, cache_mask=None):
         for layer in self.layers:
-            x = layer(x, position_ids, cu_seqlens, input_pos, cache_mask)
+            x = layer(x, position_ids, cu_seqlens, max_seqlen, input_pos, cache_mask)
         return self.norm(x)
 
 
@@ -372,6 +373,7 @@ class GLM4V(nn.Module):
             lengths = torch.full((B,), T, device=input_ids.device) if keep is None else keep.sum(-1)
             cu_seqlens = F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
         cu_seqlens = cu_seqlens.to(x.device)
+        max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())  # once here, not once per layer
 
         def pack(t):  # (B, T, ...) -> (N, ...) of real tokens only
             return t.flatten(0, 1) if keep is None else t[keep]
@@ -382,7 +384,7 @@ class GLM4V(nn.Module):
             return t.new_zeros(B, T, *t.shape[1:]).index_put_((keep,), t)
 
         positions = position_ids.flatten(1) if keep is None else position_ids[:, keep]
-        h = self.model.language_model(pack(x), positions, cu_seqlens)
+        h = self.model.language_model(pack(x), positions, cu_seqlens, max_seqlen)
         if labels is None:
             return unpack(self.lm_head(h))
         # position i predicts token i+1 of its own sequence; the last token of a sequence predicts nothing
