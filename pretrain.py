@@ -28,6 +28,7 @@ import os
 import shutil
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -190,6 +191,8 @@ def build_model(tc: TrainConfig, cfg: M.Config, state: dict, device, world: int)
             block.compile()
     if world > 1:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+        # our forward returns views of its packed outputs; nothing modifies them in place
+        warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         # bf16 compute with fp32 master weights and fp32 gradient reduction on GPU; plain fp32 on CPU
@@ -326,6 +329,7 @@ def save_training_state(model, optimizer, trainer_state: dict, out: str, step: i
         os.makedirs(tmp)
     barrier()
     model_state, optim_state = get_state_dict(model, optimizer)
+    warnings.filterwarnings("ignore", message="torch.distributed is disabled")  # one process: that is intended
     dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=tmp)
     with open(os.path.join(tmp, f"trainer_rank{rank}.json"), "w") as f:
         json.dump({**trainer_state, "rng": rng_state()}, f)
@@ -532,18 +536,16 @@ def train(tc: TrainConfig):
         seconds = time.perf_counter() - start
         step += 1
         total_tokens += tokens
-        if not ok:
-            bad_in_a_row, skipped = bad_in_a_row + 1, skipped + 1
-            log(f"step {step}: non-finite loss ({loss}) or gradient norm ({grad_norm}); update skipped")
-            if bad_in_a_row >= tc.max_bad_steps:
-                raise RuntimeError(f"{bad_in_a_row} steps in a row had a non-finite loss or gradient (last loss "
-                                   f"{loss}); stopping. Lower --lr, check the data, or resume from the last checkpoint.")
-        else:
-            bad_in_a_row = 0
+        bad_in_a_row, skipped = (0, skipped) if ok else (bad_in_a_row + 1, skipped + 1)
         row = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": total_tokens,
                "tok_per_s": tokens / seconds, "mfu": flops * tokens / seconds / peak if peak else None,
                "skipped_steps": skipped, "seconds": seconds}
         metrics.write(row)
+        if not ok:  # NaN/inf guard: the update was skipped; several in a row means something is broken
+            log(f"step {step}: non-finite loss ({loss}) or gradient norm ({grad_norm}); update skipped")
+            if bad_in_a_row >= tc.max_bad_steps:
+                raise RuntimeError(f"{bad_in_a_row} steps in a row had a non-finite loss or gradient (last loss "
+                                   f"{loss}); stopping. Lower --lr, check the data, or resume from the last checkpoint.")
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{row['tok_per_s']:.0f}",
                         **({"mfu": f"{row['mfu']:.1%}"} if peak else {}))
