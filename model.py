@@ -360,24 +360,31 @@ class GLM4V(nn.Module):
     # --- generation with a static KV cache (used by sample.py) ---------------------------------------------
 
     def setup_caches(self, batch_size: int, max_seq_len: int, dtype=None):
+        """Static KV caches for `batch_size` rows of `max_seq_len` slots. Calling it again with the same shapes
+        keeps the buffers (so a compiled / CUDA-graphed decode step stays valid) and only resets the slot mask."""
         device, dtype = self.lm_head.weight.device, dtype or self.lm_head.weight.dtype
-        for layer in self.model.language_model.layers:
-            layer.self_attn.kv_cache = KVCache(batch_size, max_seq_len, self.cfg.num_key_value_heads,
-                                               self.cfg.head_dim, dtype, device)
-        self.cache_mask = torch.zeros(batch_size, max_seq_len, dtype=torch.bool, device=device)
+        cache = self.model.language_model.layers[0].self_attn.kv_cache
+        if cache is None or cache.k.shape[0] != batch_size or cache.k.shape[2] != max_seq_len or \
+                cache.k.dtype != dtype or cache.k.device != device:
+            for layer in self.model.language_model.layers:
+                layer.self_attn.kv_cache = KVCache(batch_size, max_seq_len, self.cfg.num_key_value_heads,
+                                                   self.cfg.head_dim, dtype, device)
+            self.cache_mask = torch.ones(batch_size, max_seq_len, dtype=torch.bool, device=device)
+        self.cache_mask.fill_(True)  # a slot is visible unless a prefill marks it as padding
 
-    def forward_cached(self, x, position_ids, input_pos, valid=None):
+    def forward_cached(self, x, position_ids, input_pos, valid=None, last_only=False):
         """One prefill or decode step over embeddings x (B, T, C) written at cache slots input_pos (T,).
-        `valid` (B, T) marks real tokens (False for left padding). Returns logits (B, T, vocab)."""
-        B, T = x.shape[:2]
-        valid = torch.ones(B, T, dtype=torch.bool, device=x.device) if valid is None else valid
-        self.cache_mask[:, input_pos] = valid
+        `valid` (B, T) marks real tokens (False for left padding); None leaves those slots marked real, so a
+        decode step writes no mask and keeps static shapes. Returns logits (B, T, vocab), or (B, 1, vocab) for
+        the last position only with `last_only` (a long prefill never materialises T × vocab logits)."""
+        if valid is not None:
+            self.cache_mask[:, input_pos] = valid
         S = self.cache_mask.shape[1]
         causal = torch.arange(S, device=x.device)[None, :] <= input_pos[:, None]  # (T, S)
         mask = (self.cache_mask[:, None, :] & causal[None]).unsqueeze(1)  # (B, 1, T, S)
         mask = mask | ~mask.any(-1, keepdim=True)  # a padding query row attends somewhere: no NaNs, output unused
         h = self.model.language_model(x, position_ids, input_pos=input_pos, cache_mask=mask)
-        return self.lm_head(h)
+        return self.lm_head(h[:, -1:] if last_only else h)
 
     # --- checkpoint I/O ------------------------------------------------------------------------------------
 

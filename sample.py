@@ -1,0 +1,212 @@
+"""Generation for GLM-4.1V-Thinking: a static KV cache, one forward per token, images and video, thinking on/off.
+
+    python sample.py --checkpoint DIR --prompt "What is in the picture?" --image cat.png
+    python sample.py --checkpoint DIR                      # interactive multi-turn chat
+
+Choices made here (gpt-fast style, no framework):
+- **Static KV cache.** `model.setup_caches(B, S)` preallocates every layer's keys/values for S slots. The prompt is
+  prefilled in one forward (vision encoded once, its features in place of the placeholders); then each decode
+  step feeds one token per row at slot T + k. Decode shapes never change, so the step can be compiled and
+  CUDA-graphed (`torch.compile(mode="reduce-overhead")`, on by default on CUDA).
+- **Batches are left-padded.** Rows of any padding side (or holes) are re-packed so that every row's real tokens
+  end at the last column; the new tokens of all rows then share one cache slot per step. Padding slots are masked.
+- **3D positions continue from each row's prompt** (paper §2): the prefill positions come from
+  `rope2d.get_rope_index`, and the k-th new token of a row with L real prompt tokens sits at L + k + delta on all
+  three axes (t, h, w), i.e. right after the prompt's largest position.
+- **Sampling.** temperature 0 is greedy (argmax, the same tokens as `transformers` `generate(do_sample=False)`).
+  Otherwise softmax(logits / temperature), top-p keeps the smallest set of most likely tokens whose mass reaches
+  top_p, and the token is drawn with the exponential race argmax(p / E), E ~ Exp(1) — an exact draw from p with
+  no host sync, reproducible with a seeded `torch.Generator`.
+- **Per-row stopping.** A row ends at any of `cfg.eos_token_ids` (the eos token is kept); afterwards it is filled
+  with `cfg.pad_token_id`. Generation stops when every row has ended, so the result is (B, n) with n ≤
+  max_new_tokens the longest row, as in `transformers`.
+- **Force answering** (paper §5): with `think_budget`, a row that has generated that many tokens without closing
+  `</think>` gets `force_answer_ids` (the ids of `</think><answer>`) appended, one per step, and then answers.
+- **Log-probs** (for RL): optionally the log-prob of every chosen token under the temperature-scaled distribution
+  (before top-p truncation; temperature 0 counts as 1); forced tokens get the model's log-prob too.
+"""
+import argparse
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+import model as M
+import rope2d
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sampling
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Zero every token outside the nucleus: keep a token when the mass of the tokens more likely than it is still
+    below top_p (so the most likely token is always kept). probs (B, V), rows sum to 1."""
+    sorted_probs, order = probs.sort(-1, descending=True)
+    mass_before = sorted_probs.cumsum(-1) - sorted_probs
+    sorted_probs = sorted_probs.masked_fill(mass_before >= top_p, 0.0)
+    return torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+
+
+def sample_tokens(logits: torch.Tensor, temperature: float, top_p: float, generator=None) -> torch.Tensor:
+    """Next token of each row (B,) from fp32 logits (B, V)."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    probs = F.softmax(logits / temperature, dim=-1)
+    if top_p < 1.0:
+        probs = top_p_filter(probs, top_p)
+    # exponential race: P(argmax_i p_i / E_i = j) = p_j for E_i ~ Exp(1); no torch.multinomial host sync
+    race = torch.empty_like(probs).exponential_(generator=generator).clamp_min_(1e-20)
+    return (probs / race).argmax(-1)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Prompts and the decode step
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def left_pad(input_ids: torch.Tensor, attention_mask, pad_token_id: int):
+    """Move each row's real tokens (attention_mask 1) to the right end, keeping their order; drop columns that are
+    padding in every row. Returns ids (B, T) and the real-token mask (B, T) bool."""
+    if attention_mask is None:
+        return input_ids, torch.ones_like(input_ids, dtype=torch.bool)
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError(f"attention_mask {tuple(attention_mask.shape)} must have the shape of input_ids "
+                         f"{tuple(input_ids.shape)}")
+    keep = attention_mask.bool()
+    lengths = keep.sum(-1)
+    if (lengths == 0).any():
+        raise ValueError(f"rows {torch.nonzero(lengths == 0).flatten().tolist()} of the batch have no tokens "
+                         "(attention_mask is all 0)")
+    order = keep.to(torch.int8).sort(dim=-1, stable=True).indices  # padding first, real tokens after, in order
+    keep = keep.gather(1, order)
+    ids = input_ids.gather(1, order).masked_fill(~keep, pad_token_id)
+    T = int(lengths.max())
+    return ids[:, -T:], keep[:, -T:]
+
+
+def decode_step(model: M.GLM4V, tokens: torch.Tensor, position_ids: torch.Tensor, input_pos: torch.Tensor):
+    """One new token per row: tokens (B, 1) at 3D positions (3, B, 1) into cache slot input_pos (1,) → fp32
+    logits (B, V). Generated tokens are plain text to the model (never vision placeholders), as in the reference."""
+    x = model.model.language_model.embed_tokens(tokens)
+    return model.forward_cached(x, position_ids, input_pos)[:, -1].float()
+
+
+_compiled_decode_step = None
+
+
+def compiled_decode_step():
+    """decode_step compiled once per process (gpt-fast): CUDA graphs remove the launch overhead of ~20 kernels per
+    layer, which is most of a batch-1 step's time on a GPU."""
+    global _compiled_decode_step
+    if _compiled_decode_step is None:
+        _compiled_decode_step = torch.compile(decode_step, mode="reduce-overhead", fullgraph=True)
+    return _compiled_decode_step
+
+
+CACHE_ROUNDING = 256  # cache lengths are rounded up, so calls with similar lengths reuse buffers and graphs
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# generate
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def generate_stream(model: M.GLM4V, input_ids, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
+                    pixel_values=None, image_grid_thw=None, pixel_values_videos=None, video_grid_thw=None,
+                    attention_mask=None, *, generator=None, think_budget=None, force_answer_ids=None,
+                    return_logprobs=False, compile=None, max_seq_len=None):
+    """Like `generate`, but yields each step as it comes: (tokens (B,), logprobs (B,) or None). Stops after the
+    step in which the last row ended."""
+    cfg = model.cfg
+    device = model.lm_head.weight.device
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if think_budget is not None and not force_answer_ids:
+        raise ValueError("think_budget needs force_answer_ids: the token ids of '</think><answer>' to insert")
+    if think_budget is not None and think_budget < 0:
+        raise ValueError(f"think_budget must be >= 0, got {think_budget}")
+    ids, keep = left_pad(input_ids.to(device), None if attention_mask is None else attention_mask.to(device),
+                         cfg.pad_token_id)
+    B, T = ids.shape
+    max_seq_len = max_seq_len or cfg.max_position_embeddings
+    if T >= max_seq_len:
+        raise ValueError(f"the prompt has {T} tokens but the context holds {max_seq_len} "
+                         "(max_position_embeddings or --max-seq-len): shorten it, or use fewer or smaller images")
+    max_new_tokens = min(max_new_tokens, max_seq_len - T)
+    if max_new_tokens <= 0:
+        return
+    compile = device.type == "cuda" if compile is None else compile
+    step = compiled_decode_step() if compile else decode_step
+
+    # prefill: vision encoded once, the whole prompt in one cached forward
+    S = min(-(-(T + max_new_tokens) // CACHE_ROUNDING) * CACHE_ROUNDING, max_seq_len)
+    model.setup_caches(B, S)
+    x = model.embed(ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)
+    position_ids, deltas = rope2d.get_rope_index(ids, image_grid_thw, video_grid_thw, keep,
+                                                 **cfg.rope_index_kwargs())
+    logits = model.forward_cached(x, position_ids, torch.arange(T, device=device), keep, last_only=True)[:, -1]
+    logits = logits.float()
+
+    # decode state, all on the device: one host sync per step (have all rows ended?)
+    next_position = keep.sum(-1) + deltas[:, 0]  # (B,) the position of each row's first new token
+    input_pos = torch.tensor([T], device=device)
+    eos = torch.tensor(cfg.eos_token_ids, device=device)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    if think_budget is not None:  # paper §5 force answering
+        forced_ids = torch.tensor(list(force_answer_ids), device=device)
+        thinking = torch.ones(B, dtype=torch.bool, device=device)  # no </think> yet
+        force_at = torch.zeros(B, dtype=torch.long, device=device)  # index into forced_ids of the next forced token
+    for k in range(max_new_tokens):
+        tokens = sample_tokens(logits, temperature, top_p, generator)
+        if think_budget is not None:
+            forcing = (thinking & (k >= think_budget)) | (force_at > 0)
+            tokens = torch.where(forcing, forced_ids[force_at], tokens)
+            force_at = torch.where(forcing, (force_at + 1) % len(forced_ids), force_at)
+            thinking &= tokens != forced_ids[0]
+        tokens = tokens.masked_fill(done, cfg.pad_token_id)
+        logprobs = None
+        if return_logprobs:
+            logprobs = F.log_softmax(logits / (temperature or 1.0), -1).gather(-1, tokens[:, None])[:, 0]
+            logprobs = logprobs.masked_fill(done, 0.0)
+        done |= torch.isin(tokens, eos)
+        yield tokens, logprobs
+        if k + 1 == max_new_tokens or bool(done.all()):
+            return
+        positions = (next_position + k).view(1, B, 1).expand(3, B, 1).contiguous()
+        logits = step(model, tokens[:, None], positions, input_pos)
+        if compile:
+            logits = logits.clone()  # a CUDA graph's output buffer is overwritten by the next replay
+        input_pos += 1
+
+
+def generate(model: M.GLM4V, input_ids, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
+             pixel_values=None, image_grid_thw=None, pixel_values_videos=None, video_grid_thw=None,
+             attention_mask=None, *, generator=None, think_budget=None, force_answer_ids=None,
+             return_logprobs=False, compile=None, max_seq_len=None):
+    """New tokens (B, n), n ≤ max_new_tokens, for a batch of prompts input_ids (B, T) with optional padding
+    (attention_mask, either side) and the vision inputs of `model(...)`.
+
+    temperature 0 = greedy; otherwise sampled with top_p, reproducibly when `generator` (a torch.Generator on the
+    model's device) is given. Rows end at cfg.eos_token_ids and are then filled with cfg.pad_token_id.
+    think_budget + force_answer_ids: force answering after that many tokens without `</think>` (paper §5).
+    return_logprobs: also return (B, n) fp32 log-probs of the chosen tokens (0 after a row's end).
+    compile: torch.compile the decode step (default: on CUDA). max_seq_len: the context (default
+    cfg.max_position_embeddings); a longer prompt is an error and max_new_tokens is capped to what fits."""
+    steps = list(generate_stream(model, input_ids, max_new_tokens, temperature, top_p, pixel_values, image_grid_thw,
+                                 pixel_values_videos, video_grid_thw, attention_mask, generator=generator,
+                                 think_budget=think_budget, force_answer_ids=force_answer_ids,
+                                 return_logprobs=return_logprobs, compile=compile, max_seq_len=max_seq_len))
+    B, device = input_ids.shape[0], model.lm_head.weight.device
+    tokens = torch.stack([t for t, _ in steps], 1) if steps else torch.zeros(B, 0, dtype=torch.long, device=device)
+    if not return_logprobs:
+        return tokens
+    logprobs = torch.stack([lp for _, lp in steps], 1) if steps else torch.zeros(B, 0, device=device)
+    return tokens, logprobs
