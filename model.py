@@ -218,6 +218,7 @@ class Attention(nn.Module):
         else:
             q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
             k, v = self.kv_cache.update(input_pos, k, v)
+            k, v = k[:, :, :cache_mask.shape[-1]], v[:, :, :cache_mask.shape[-1]]  # the slots the mask covers
             out = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=cache_mask,
                                                  enable_gqa=True).transpose(1, 2)
         return self.o_proj(out.flatten(-2))
@@ -372,16 +373,18 @@ class GLM4V(nn.Module):
             self.cache_mask = torch.ones(batch_size, max_seq_len, dtype=torch.bool, device=device)
         self.cache_mask.fill_(True)  # a slot is visible unless a prefill marks it as padding
 
-    def forward_cached(self, x, position_ids, input_pos, valid=None, last_only=False):
+    def forward_cached(self, x, position_ids, input_pos, valid=None, last_only=False, kv_len=None):
         """One prefill or decode step over embeddings x (B, T, C) written at cache slots input_pos (T,).
         `valid` (B, T) marks real tokens (False for left padding); None leaves those slots marked real, so a
-        decode step writes no mask and keeps static shapes. Returns logits (B, T, vocab), or (B, 1, vocab) for
-        the last position only with `last_only` (a long prefill never materialises T × vocab logits)."""
+        decode step writes no mask. Attention reads the first `kv_len` slots (default: all, a static shape for
+        compiled decoding; eager decoding passes the filled length and skips the empty rest).
+        Returns logits (B, T, vocab), or (B, 1, vocab) for the last position only with `last_only` (a long prefill
+        never materialises T × vocab logits)."""
         if valid is not None:
             self.cache_mask[:, input_pos] = valid
-        S = self.cache_mask.shape[1]
+        S = kv_len or self.cache_mask.shape[1]
         causal = torch.arange(S, device=x.device)[None, :] <= input_pos[:, None]  # (T, S)
-        mask = (self.cache_mask[:, None, :] & causal[None]).unsqueeze(1)  # (B, 1, T, S)
+        mask = (self.cache_mask[:, None, :S] & causal[None]).unsqueeze(1)  # (B, 1, T, S)
         mask = mask | ~mask.any(-1, keepdim=True)  # a padding query row attends somewhere: no NaNs, output unused
         h = self.model.language_model(x, position_ids, input_pos=input_pos, cache_mask=mask)
         return self.lm_head(h[:, -1:] if last_only else h)

@@ -26,6 +26,7 @@ Choices made here (gpt-fast style, no framework):
   (before top-p truncation; temperature 0 counts as 1); forced tokens get the model's log-prob too.
 """
 import argparse
+import dataclasses
 import os
 import sys
 import time
@@ -87,11 +88,13 @@ def left_pad(input_ids: torch.Tensor, attention_mask, pad_token_id: int):
     return ids[:, -T:], keep[:, -T:]
 
 
-def decode_step(model: M.GLM4V, tokens: torch.Tensor, position_ids: torch.Tensor, input_pos: torch.Tensor):
+def decode_step(model: M.GLM4V, tokens: torch.Tensor, position_ids: torch.Tensor, input_pos: torch.Tensor,
+                kv_len=None):
     """One new token per row: tokens (B, 1) at 3D positions (3, B, 1) into cache slot input_pos (1,) → fp32
-    logits (B, V). Generated tokens are plain text to the model (never vision placeholders), as in the reference."""
+    logits (B, V). Generated tokens are plain text to the model (never vision placeholders), as in the reference.
+    kv_len: attend to that many cache slots (eager), or to the whole static cache (None, compiled)."""
     x = model.model.language_model.embed_tokens(tokens)
-    return model.forward_cached(x, position_ids, input_pos)[:, -1].float()
+    return model.forward_cached(x, position_ids, input_pos, kv_len=kv_len)[:, -1].float()
 
 
 _compiled_decode_step = None
@@ -152,7 +155,8 @@ def generate_stream(model: M.GLM4V, input_ids, max_new_tokens: int, temperature:
     x = model.embed(ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)
     position_ids, deltas = rope2d.get_rope_index(ids, image_grid_thw, video_grid_thw, keep,
                                                  **cfg.rope_index_kwargs())
-    logits = model.forward_cached(x, position_ids, torch.arange(T, device=device), keep, last_only=True)[:, -1]
+    logits = model.forward_cached(x, position_ids, torch.arange(T, device=device), keep, last_only=True,
+                                  kv_len=T)[:, -1]
     logits = logits.float()
 
     # decode state, all on the device: one host sync per step (have all rows ended?)
@@ -181,9 +185,10 @@ def generate_stream(model: M.GLM4V, input_ids, max_new_tokens: int, temperature:
         if k + 1 == max_new_tokens or bool(done.all()):
             return
         positions = (next_position + k).view(1, B, 1).expand(3, B, 1).contiguous()
-        logits = step(model, tokens[:, None], positions, input_pos)
-        if compile:
-            logits = logits.clone()  # a CUDA graph's output buffer is overwritten by the next replay
+        if compile:  # static shapes; a CUDA graph's output buffer is overwritten by the next replay: copy it
+            logits = step(model, tokens[:, None], positions, input_pos).clone()
+        else:
+            logits = step(model, tokens[:, None], positions, input_pos, T + k + 1)
         input_pos += 1
 
 
@@ -210,3 +215,86 @@ def generate(model: M.GLM4V, input_ids, max_new_tokens: int, temperature: float 
         return tokens
     logprobs = torch.stack([lp for _, lp in steps], 1) if steps else torch.zeros(B, 0, device=device)
     return tokens, logprobs
+
+
+# --- benchmarks (called by bench.py) ---
+
+
+def _bench_models(cfg: M.Config, device, dtype):
+    """Our model with fresh weights, and the `transformers` reference holding the same weights (test-only dep)."""
+    import transformers
+
+    with torch.device(device):
+        ours = M.GLM4V(cfg).init_weights().to(dtype).eval()
+        ref = transformers.Glm4vForConditionalGeneration(transformers.Glm4vConfig(**cfg.to_hf()))
+    ref = ref.to(dtype).eval()
+    ref.load_state_dict(ours.state_dict())
+    return ours, ref
+
+
+def _best_time(fn, repeats):
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def _decode_rates(ours, ref, batch, prompt_len, new_tokens, repeats, compile):
+    """Decode tokens/s (all rows) of ours and of the reference generate(): the time for `new_tokens` minus the
+    time for 1 (the prefill), best of `repeats`, the two interleaved so that both see the same machine load."""
+    device = ours.lm_head.weight.device
+    ids = torch.randint(0, min(ours.cfg.vocab_size, 256), (batch, prompt_len), device=device,
+                        generator=torch.Generator(device).manual_seed(0))
+    mask = torch.ones_like(ids)
+
+    def run_ours(n):
+        return generate(ours, ids, n, compile=compile)
+
+    def run_ref(n):
+        with torch.no_grad():
+            return ref.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
+                                do_sample=False)
+
+    for fn in (run_ours, run_ref):  # warm up (and compile)
+        fn(new_tokens)
+    assert run_ours(new_tokens).shape[1] == new_tokens
+    times = {"ours": [float("inf")] * 2, "ref": [float("inf")] * 2}
+    for _ in range(repeats):
+        for name, fn in (("ours", run_ours), ("ref", run_ref)):
+            for i, n in enumerate((1, new_tokens)):
+                times[name][i] = min(times[name][i], _best_time(lambda: fn(n), 1))
+    return {name: batch * (new_tokens - 1) / (t[1] - t[0]) for name, t in times.items()}
+
+
+def bench_sample(device="cpu"):
+    """Decode throughput of `generate` vs the reference `generate()` on the same weights, in one run.
+    CPU: the tiny width (hidden 256, 4 layers). CUDA: also the released 9B at batch 1 and batch 64, bf16."""
+    device = torch.device(device)
+    rows = []
+    no_stop = dict(eos_token_ids=())  # random weights: never stop early, every run decodes the same count
+    cases = [("decode, tiny (hidden 256, 4 layers), batch 1", M.PRESETS["tiny"], torch.float32, 1, 32, 64, 5),
+             ("decode, tiny (hidden 256, 4 layers), batch 8", M.PRESETS["tiny"], torch.float32, 8, 32, 64, 3)]
+    if device.type == "cuda":
+        cases += [("decode, 9B, bf16, batch 1", M.PRESETS["9b"], torch.bfloat16, 1, 128, 256, 3),
+                  ("rollout, 9B, bf16, batch 64", M.PRESETS["9b"], torch.bfloat16, 64, 256, 256, 2)]
+    for name, cfg, dtype, batch, prompt_len, new_tokens, repeats in cases:
+        torch.manual_seed(0)
+        ours, ref = _bench_models(dataclasses.replace(cfg, **no_stop), device, dtype)
+        rates = _decode_rates(ours, ref, batch, prompt_len, new_tokens, repeats, compile=device.type == "cuda")
+        row = dict(name=name, ours=round(rates["ours"], 1), peer=round(rates["ref"], 1),
+                   ratio=round(rates["ours"] / rates["ref"], 2), units="tokens/s", device=str(device),
+                   prompt=prompt_len, new_tokens=new_tokens)
+        if device.type == "cuda" and batch == 1:  # weights read once per token: the HBM roofline
+            weight_bytes = sum(p.numel() * p.element_size() for n, p in ours.named_parameters()
+                               if not n.startswith("model.visual"))
+            peak = torch.cuda.get_device_properties(device).total_memory  # noqa: F841 (bandwidth is not exposed)
+            row["weight_gb"] = round(weight_bytes / 1e9, 2)
+        rows.append(row)
+        del ours, ref
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows

@@ -264,3 +264,19 @@ def test_bad_inputs_are_explained(pair):
         S.generate(ours, torch.tensor([[1, 2]]), 4, attention_mask=torch.tensor([[1, 1, 1]]))
     with pytest.raises(ValueError, match=r"\(batch, seq\)"):
         S.generate(ours, torch.tensor([1, 2]), 4)
+
+
+def test_static_shape_decode_path_gives_the_same_tokens(pair, monkeypatch):
+    """The compiled path attends over the whole static cache (masked) instead of the filled part; run it eagerly
+    (compiling takes minutes on a CPU) and on a reused cache, which must not leak the previous call's slots."""
+    ours, _ = pair
+    rows, vision = mixed_batch()
+    ids, mask = padded_batch(rows)
+    eager = S.generate(ours, ids, 12, attention_mask=mask, **vision)
+    monkeypatch.setattr(S, "compiled_decode_step", lambda: S.decode_step)
+    T = ids.shape[1]
+    assert T + 12 <= S.CACHE_ROUNDING  # both calls use one cache
+    # a first call whose padding covers the slots the second call decodes into
+    stale_ids, stale_mask = padded_batch([text("y" * (T + 20)), text("x"), text("z")])
+    S.generate(ours, stale_ids, 2, attention_mask=stale_mask, compile=True)
+    assert torch.equal(S.generate(ours, ids, 12, attention_mask=mask, **vision, compile=True), eager)
