@@ -218,9 +218,16 @@ class Attention(nn.Module):
         else:
             q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
             k, v = self.kv_cache.update(input_pos, k, v)
-            k, v = k[:, :, :cache_mask.shape[-1]], v[:, :, :cache_mask.shape[-1]]  # the slots the mask covers
-            out = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=cache_mask,
-                                                 enable_gqa=True).transpose(1, 2)
+            S = cache_mask.shape[-1]  # the slots the mask covers
+            k, v = k[:, :, :S].to(q.dtype), v[:, :, :S].to(q.dtype)
+            B, H, T, D = q.shape
+            if T == 1:  # decode: the H/Hkv query heads of a KV head form one block of rows; no KV head copies
+                out = F.scaled_dot_product_attention(q.reshape(B, self.num_kv_heads, H // self.num_kv_heads, D),
+                                                     k, v, attn_mask=cache_mask)  # (B, Hkv, H/Hkv, D)
+                out = out.reshape(B, H, 1, D)
+            else:
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=cache_mask, enable_gqa=True)
+            out = out.transpose(1, 2)
         return self.o_proj(out.flatten(-2))
 
 

@@ -110,6 +110,7 @@ def compiled_decode_step():
 
 
 CACHE_ROUNDING = 256  # cache lengths are rounded up, so calls with similar lengths reuse buffers and graphs
+PREFILL_CHUNK = 2048  # prompt tokens per prefill forward
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -155,9 +156,12 @@ def generate_stream(model: M.GLM4V, input_ids, max_new_tokens: int, temperature:
     x = model.embed(ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)
     position_ids, deltas = rope2d.get_rope_index(ids, image_grid_thw, video_grid_thw, keep,
                                                  **cfg.rope_index_kwargs())
-    logits = model.forward_cached(x, position_ids, torch.arange(T, device=device), keep, last_only=True,
-                                  kv_len=T)[:, -1]
-    logits = logits.float()
+    for start in range(0, T, PREFILL_CHUNK):  # chunks bound the (T × S) attention scores of a long prompt
+        end = min(start + PREFILL_CHUNK, T)
+        logits = model.forward_cached(x[:, start:end], position_ids[..., start:end],
+                                      torch.arange(start, end, device=device), keep[:, start:end], last_only=True,
+                                      kv_len=end)
+    logits = logits[:, -1].float()
 
     # decode state, all on the device: one host sync per step (have all rows ended?)
     next_position = keep.sum(-1) + deltas[:, 0]  # (B,) the position of each row's first new token
@@ -215,6 +219,218 @@ def generate(model: M.GLM4V, input_ids, max_new_tokens: int, temperature: float 
         return tokens
     logprobs = torch.stack([lp for _, lp in steps], 1) if steps else torch.zeros(B, 0, device=device)
     return tokens, logprobs
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The command line: chat with a checkpoint
+# ---------------------------------------------------------------------------------------------------------------
+
+EOS_STRINGS = ("<|endoftext|>", "<|user|>", "<|observation|>")
+
+
+def load(checkpoint: str, device="cpu", dtype=None):
+    """(model, tokenizer) from a checkpoint directory: config.json, model.safetensors (or shards), tokenizer.json."""
+    import data
+
+    if not os.path.isdir(checkpoint):
+        raise FileNotFoundError(f"checkpoint directory not found: {checkpoint}")
+    for name in ("config.json", "tokenizer.json"):
+        if not os.path.exists(os.path.join(checkpoint, name)):
+            raise FileNotFoundError(f"{checkpoint} has no {name} (a checkpoint directory holds config.json, "
+                                    "model.safetensors and tokenizer.json)")
+    model = M.GLM4V.from_pretrained(checkpoint, dtype=dtype, device=device)
+    tokenizer = data.load_tokenizer(checkpoint)
+    if tokenizer.vocab_size > model.cfg.vocab_size:
+        raise ValueError(f"{checkpoint}: tokenizer.json has {tokenizer.vocab_size} tokens but the model only "
+                         f"{model.cfg.vocab_size}")
+    return model, tokenizer
+
+
+class ReplyPrinter:
+    """Prints a reply as its tokens arrive: the reasoning under "Thinking", the reply under "Answer", the boxed final
+    answer highlighted (bold on a terminal, **…** otherwise), end-of-turn tokens hidden."""
+
+    def __init__(self, tokenizer, out=sys.stdout, color=None):
+        self.tokenizer, self.out = tokenizer, out
+        color = out.isatty() if color is None else color
+        dim, bold, reset = ("\x1b[2m", "\x1b[1m", "\x1b[0m") if color else ("", "**", "**")
+        self.styles = {"<think>": "Thinking:\n" + dim, "</think>": (reset if color else "") + "\n\nAnswer:\n",
+                       "<answer>": "", "</answer>": "", "<|begin_of_box|>": bold, "<|end_of_box|>": reset,
+                       **{s: "" for s in EOS_STRINGS}}
+        self.reset = reset if color else ""
+        self.pending, self.text = [], ""
+
+    def add(self, token_ids, flush=False):
+        """Print what `token_ids` add, holding back an incomplete UTF-8 character until its last byte arrives."""
+        self.pending += list(token_ids)
+        piece = self.tokenizer.decode(self.pending)
+        if piece.endswith("\ufffd") and not flush:
+            return
+        self.pending = []
+        self.text += piece
+        for tag, style in self.styles.items():
+            piece = piece.replace(tag, style)
+        self.out.write(piece)
+        self.out.flush()
+
+    def finish(self):
+        """End the reply; prints the boxed answer once more on its own line. Returns the reply text."""
+        self.add([], flush=True)
+        box = boxed_answer(self.text)
+        self.out.write(self.reset + ("\n\nBoxed answer: " + box if box is not None else "") + "\n")
+        self.out.flush()
+        return self.text
+
+
+def boxed_answer(reply: str):
+    """The text inside the last <|begin_of_box|>…<|end_of_box|> of a reply, or None."""
+    start = reply.rfind("<|begin_of_box|>")
+    end = reply.find("<|end_of_box|>", start)
+    return reply[start + len("<|begin_of_box|>"):end].strip() if start >= 0 and end >= 0 else None
+
+
+def chat_history_reply(reply: str) -> str:
+    """What a reply contributes to the next turn's prompt: its answer without the reasoning or end token."""
+    for s in EOS_STRINGS:
+        reply = reply.replace(s, "")
+    return reply.split("</think>", 1)[1].lstrip() if "</think>" in reply else reply
+
+
+class Chat:
+    """A conversation: messages plus the images and videos they refer to (processed once, in order)."""
+
+    def __init__(self, model, tokenizer, args, out=sys.stdout):
+        self.model, self.tokenizer, self.args, self.out = model, tokenizer, args, out
+        device = model.lm_head.weight.device
+        self.generator = torch.Generator(device).manual_seed(args.seed)
+        self.reset()
+
+    def reset(self):
+        self.messages, self.images, self.videos = [], [], []
+
+    def ask(self, prompt: str, images=(), videos=()) -> str:
+        import data
+
+        images = [data.process_image(path) for path in images]  # errors name the file
+        videos = [data.process_video(path) for path in videos]
+        content = [{"type": "image"}] * len(images) + [{"type": "video"}] * len(videos) + \
+            [{"type": "text", "text": prompt}]
+        messages = self.messages + [{"role": "user", "content": content}]
+        inputs = data.render_chat(messages, self.tokenizer, images=self.images + images,
+                                  videos=self.videos + videos, thinking=not self.args.no_think)
+        device = self.model.lm_head.weight.device
+        vision = {k: None if inputs[k] is None else inputs[k].to(device)
+                  for k in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")}
+        budget = None if self.args.no_think else self.args.think_budget
+        force = self.tokenizer.encode("</think><answer>") if budget is not None else None
+        stream = generate_stream(self.model, inputs["input_ids"][None].to(device), self.args.max_new_tokens,
+                                 self.args.temperature, self.args.top_p, **vision, generator=self.generator,
+                                 think_budget=budget, force_answer_ids=force, compile=self.args.compile,
+                                 max_seq_len=self.args.max_seq_len)
+        printer = ReplyPrinter(self.tokenizer, self.out)
+        if self.args.no_think:
+            self.out.write("Answer:\n")
+        if self.args.stream:
+            for tokens, _ in stream:
+                printer.add(tokens.tolist())
+        else:
+            printer.add([t for tokens, _ in stream for t in tokens.tolist()])
+        reply = printer.finish()
+        self.messages = messages + [{"role": "assistant", "content": chat_history_reply(reply)}]
+        self.images += images
+        self.videos += videos
+        return reply
+
+
+def interactive(chat: Chat, images=(), videos=(), stdin=sys.stdin):
+    """A multi-turn chat on the terminal. /image PATH and /video PATH attach files to the next message."""
+    out = chat.out
+    out.write("Chat with GLM-4.1V. /image PATH or /video PATH attaches a file to your next message, /reset starts "
+              "over, /quit (or Ctrl-D) ends.\n")
+    images, videos = list(images), list(videos)
+    while True:
+        out.write("\nYou: ")
+        out.flush()
+        line = stdin.readline()
+        if not line or line.strip() in ("/quit", "/exit"):
+            out.write("\n")
+            return
+        line = line.strip()
+        if not line:
+            continue
+        if line == "/reset":
+            chat.reset()
+            images, videos = [], []
+            continue
+        if line.startswith(("/image ", "/video ")):
+            path = line.split(" ", 1)[1].strip()
+            if not os.path.exists(path):
+                out.write(f"error: file not found: {path}\n")
+            else:
+                (images if line.startswith("/image") else videos).append(path)
+            continue
+        out.write("\nGLM-4.1V:\n")
+        try:
+            chat.ask(line, images, videos)
+        except (FileNotFoundError, ValueError, ImportError) as e:
+            out.write(f"error: {e}\n")
+        images, videos = [], []
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Chat with a GLM-4.1V checkpoint (images, video, thinking on/off). "
+                                "Without --prompt: an interactive multi-turn chat.")
+    p.add_argument("--checkpoint", required=True, help="directory with config.json, model.safetensors, tokenizer.json")
+    p.add_argument("--prompt", help="the question; omit it for an interactive chat")
+    p.add_argument("--image", action="append", default=[], help="an image file for the prompt (repeatable)")
+    p.add_argument("--video", action="append", default=[],
+                   help="a video for the prompt: mp4 (needs PyAV), animated GIF or a folder of frames (repeatable)")
+    p.add_argument("--no-think", action="store_true", help="answer without reasoning (prefills <think></think>)")
+    p.add_argument("--max-new-tokens", type=int, default=2048, help="the longest reply, in tokens")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: keep the most likely tokens up to "
+                   "this probability mass")
+    p.add_argument("--seed", type=int, default=0, help="random seed for sampling")
+    p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
+    p.add_argument("--think-budget", type=int, help="force answering (paper §5): after this many reply tokens "
+                   "without </think>, insert </think><answer>")
+    p.add_argument("--max-seq-len", type=int, help="the context in tokens, prompt + reply "
+                   "(default: the model's max_position_embeddings)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    p.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"], default="auto",
+                   help="weights and activations (auto: bfloat16 on CUDA, the checkpoint's dtype on CPU)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile + CUDA graphs for decoding (default: on for CUDA)")
+    args = p.parse_args(argv)
+    for name in ("max_new_tokens", "max_seq_len"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.temperature < 0:
+        p.error("--temperature must be >= 0")
+    if not 0 < args.top_p <= 1:
+        p.error("--top-p must be in (0, 1]")
+    if args.think_budget is not None and args.think_budget < 0:
+        p.error("--think-budget must be >= 0")
+    return args
+
+
+def main(argv=None, stdin=sys.stdin, out=sys.stdout):
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    dtype = {"auto": torch.bfloat16 if device.type == "cuda" else None, "bfloat16": torch.bfloat16,
+             "float16": torch.float16, "float32": torch.float32}[args.dtype]
+    try:
+        for path in args.image + args.video:
+            if not os.path.exists(path):
+                raise FileNotFoundError(f"file not found: {path}")
+        model, tokenizer = load(args.checkpoint, device, dtype)
+        chat = Chat(model, tokenizer, args, out)
+        if args.prompt is None:
+            interactive(chat, args.image, args.video, stdin)
+        else:
+            chat.ask(args.prompt, args.image, args.video)
+    except (FileNotFoundError, ValueError, ImportError) as e:
+        sys.exit(f"error: {e}")
 
 
 # --- benchmarks (called by bench.py) ---
@@ -298,3 +514,7 @@ def bench_sample(device="cpu"):
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return rows
+
+
+if __name__ == "__main__":
+    main()

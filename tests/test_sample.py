@@ -1,6 +1,7 @@
 """sample.py: greedy tokens identical to `transformers` generate(), per-row stopping, sampling, top-p, force
 answering, log-probs, bad input, and the command line."""
 import dataclasses
+import os
 
 import pytest
 import torch
@@ -11,12 +12,24 @@ import sample as S
 
 transformers = pytest.importorskip("transformers")
 
-CFG = M.PRESETS["tiny"]
+# the tiny preset's vocabulary and special tokens (so the tiny tokenizer fits) in a smaller, faster network
+CFG = dataclasses.replace(M.PRESETS["tiny"], hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                          mrope_section=(2, 3, 3), vision_depth=2, vision_hidden_size=64, vision_num_heads=2,
+                          vision_intermediate_size=128, out_hidden_size=128, image_size=56)
 THINK_END, ANSWER = 273, 274  # </think>, <answer> in the tiny vocabulary (CONTRACT.md)
 
 
 def text(s):
     return list(s.encode())
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Decoding is thousands of tiny ops; on a busy 2-core machine OpenMP's thread hand-offs make them ~10× slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -135,6 +148,16 @@ def test_right_padding_gives_the_same_tokens(pair):
     # a row alone gives what it gives in the batch
     alone = S.generate(ours, torch.tensor([rows[2]]), 10)
     assert torch.equal(alone[0], left[2])
+
+
+
+def test_chunked_prefill_gives_the_same_tokens(pair, monkeypatch):
+    ours, _ = pair
+    rows, vision = mixed_batch()
+    ids, mask = padded_batch(rows)
+    whole = S.generate(ours, ids, 8, attention_mask=mask, **vision)
+    monkeypatch.setattr(S, "PREFILL_CHUNK", 7)  # chunk borders cut through padding and images
+    assert torch.equal(S.generate(ours, ids, 8, attention_mask=mask, **vision), whole)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -280,3 +303,108 @@ def test_static_shape_decode_path_gives_the_same_tokens(pair, monkeypatch):
     stale_ids, stale_mask = padded_batch([text("y" * (T + 20)), text("x"), text("z")])
     S.generate(ours, stale_ids, 2, attention_mask=stale_mask, compile=True)
     assert torch.equal(S.generate(ours, ids, 12, attention_mask=mask, **vision, compile=True), eager)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The command line (needs data.py: the processor, tokenizer and chat template)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, pair):
+    data = pytest.importorskip("data")
+    from PIL import Image
+
+    path = tmp_path_factory.mktemp("ckpt")
+    pair[0].save_pretrained(path)
+    data.tiny_tokenizer().save(path)
+    g = torch.Generator().manual_seed(0)
+    Image.fromarray((torch.rand(60, 90, 3, generator=g) * 255).byte().numpy()).save(path / "photo.png")
+    return path
+
+
+def cli(*argv, stdin=""):
+    import io
+
+    out = io.StringIO()
+    S.main([str(a) for a in argv], stdin=io.StringIO(stdin), out=out)
+    return out.getvalue()
+
+
+def test_reply_printer_shows_thinking_answer_and_box():
+    import io
+
+    data = pytest.importorskip("data")
+    tok = data.tiny_tokenizer()
+    reply = "<think>hmm, é?</think><answer>It is <|begin_of_box|>42<|end_of_box|>.</answer><|user|>"
+    out = io.StringIO()
+    printer = S.ReplyPrinter(tok, out, color=False)
+    for t in tok.encode(reply):  # one token at a time: "é" is two byte tokens
+        printer.add([t])
+    assert printer.finish() == reply
+    assert out.getvalue() == "Thinking:\nhmm, é?\n\nAnswer:\nIt is **42**.\n\nBoxed answer: 42\n"
+    assert S.chat_history_reply(reply) == "<answer>It is <|begin_of_box|>42<|end_of_box|>.</answer>"
+
+
+def test_cli_prompt_with_an_image_gives_the_generated_reply(checkpoint, pair):
+    data = pytest.importorskip("data")
+    ours, _ = pair
+    tok = data.load_tokenizer(checkpoint)
+    image = checkpoint / "photo.png"
+    inputs = data.render_chat([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What?"}]}],
+                              tok, images=[image])
+    new = S.generate(ours, inputs["input_ids"][None], 12, pixel_values=inputs["pixel_values"],
+                     image_grid_thw=inputs["image_grid_thw"])
+    args = S.parse_args(["--checkpoint", str(checkpoint), "--max-new-tokens", "12"])
+    model, tokenizer = S.load(str(checkpoint))
+    assert S.Chat(model, tokenizer, args, out=open(os.devnull, "w")).ask("What?", [image]) == tok.decode(new[0])
+    streamed = cli("--checkpoint", checkpoint, "--prompt", "What?", "--image", image, "--max-new-tokens", 12,
+                   "--stream")
+    assert streamed == cli("--checkpoint", checkpoint, "--prompt", "What?", "--image", image,
+                           "--max-new-tokens", 12)
+    assert len(streamed) > 5
+    budget = cli("--checkpoint", checkpoint, "--prompt", "Think", "--max-new-tokens", 8, "--think-budget", 3)
+    assert "\n\nAnswer:\n" in budget  # </think> forced after 3 tokens
+
+
+def test_cli_interactive_chat_keeps_the_history(checkpoint, monkeypatch):
+    data = pytest.importorskip("data")
+    prompts = []
+    real = S.generate_stream
+
+    def spy(model, input_ids, *args, **kwargs):
+        prompts.append(input_ids[0].tolist())
+        return real(model, input_ids, *args, **kwargs)
+
+    monkeypatch.setattr(S, "generate_stream", spy)
+    image = checkpoint / "photo.png"
+    out = cli("--checkpoint", checkpoint, "--max-new-tokens", 6, "--no-think",
+              stdin=f"first question\n/image {image}\nsecond, with a picture\n/image /no/such.png\n/quit\n")
+    assert len(prompts) == 2 and "error: file not found: /no/such.png" in out
+    tok = data.tiny_tokenizer()
+    first, second = tok.decode(prompts[0]), tok.decode(prompts[1])
+    assert first.endswith("<|user|>\nfirst question<|assistant|>\n<think></think>")
+    assert second.startswith(first) and second.count("<|user|>") == 2 and "<|begin_of_image|>" in second
+
+
+def test_cli_errors_are_explained(checkpoint, tmp_path):
+    from PIL import Image
+
+    def error(*argv):
+        with pytest.raises(SystemExit) as e:
+            cli(*argv)
+        return str(e.value.code)
+
+    assert "checkpoint directory not found" in error("--checkpoint", tmp_path / "nowhere", "--prompt", "hi")
+    (tmp_path / "config.json").write_text((checkpoint / "config.json").read_text())
+    assert "no tokenizer.json" in error("--checkpoint", tmp_path, "--prompt", "hi")
+    (tmp_path / "tokenizer.json").write_text((checkpoint / "tokenizer.json").read_text())
+    assert "model.safetensors" in error("--checkpoint", tmp_path, "--prompt", "hi")
+    assert "file not found" in error("--checkpoint", checkpoint, "--prompt", "hi", "--image", tmp_path / "no.png")
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG not really")
+    assert "broken.png" in error("--checkpoint", checkpoint, "--prompt", "hi", "--image", tmp_path / "broken.png")
+    Image.new("RGB", (6000, 20)).save(tmp_path / "strip.png")
+    assert "aspect ratio" in error("--checkpoint", checkpoint, "--prompt", "hi", "--image", tmp_path / "strip.png")
+    assert "context holds 40" in error("--checkpoint", checkpoint, "--prompt", "x" * 60, "--max-seq-len", 40)
+    with pytest.raises(SystemExit):
+        S.parse_args(["--checkpoint", str(checkpoint), "--top-p", "0"])
