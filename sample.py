@@ -111,6 +111,7 @@ def compiled_decode_step():
 
 CACHE_ROUNDING = 256  # cache lengths are rounded up, so calls with similar lengths reuse buffers and graphs
 PREFILL_CHUNK = 2048  # prompt tokens per prefill forward
+STOP_CHECK_EVERY = {"cpu": 1, "cuda": 8}  # decode steps between "have all rows ended?" host syncs
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -124,7 +125,7 @@ def generate_stream(model: M.GLM4V, input_ids, max_new_tokens: int, temperature:
                     attention_mask=None, *, generator=None, think_budget=None, force_answer_ids=None,
                     return_logprobs=False, compile=None, max_seq_len=None):
     """Like `generate`, but yields each step as it comes: (tokens (B,), logprobs (B,) or None). Stops after the
-    step in which the last row ended."""
+    step in which the last row ended (on a GPU up to STOP_CHECK_EVERY - 1 all-padding steps later)."""
     cfg = model.cfg
     device = model.lm_head.weight.device
     if input_ids.dim() != 2:
@@ -168,6 +169,8 @@ def generate_stream(model: M.GLM4V, input_ids, max_new_tokens: int, temperature:
     input_pos = torch.tensor([T], device=device)
     eos = torch.tensor(cfg.eos_token_ids, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
+    # "have all rows ended?" waits for the device; on a GPU ask every few steps so it can run ahead
+    check_every = STOP_CHECK_EVERY.get(device.type, 1)
     if think_budget is not None:  # paper §5 force answering
         forced_ids = torch.tensor(list(force_answer_ids), device=device)
         thinking = torch.ones(B, dtype=torch.bool, device=device)  # no </think> yet
@@ -186,7 +189,7 @@ def generate_stream(model: M.GLM4V, input_ids, max_new_tokens: int, temperature:
             logprobs = logprobs.masked_fill(done, 0.0)
         done |= torch.isin(tokens, eos)
         yield tokens, logprobs
-        if k + 1 == max_new_tokens or bool(done.all()):
+        if k + 1 == max_new_tokens or ((k + 1) % check_every == 0 and bool(done.all())):
             return
         positions = (next_position + k).view(1, B, 1).expand(3, B, 1).contiguous()
         if compile:  # static shapes; a CUDA graph's output buffer is overwritten by the next replay: copy it
@@ -215,9 +218,12 @@ def generate(model: M.GLM4V, input_ids, max_new_tokens: int, temperature: float 
                                  return_logprobs=return_logprobs, compile=compile, max_seq_len=max_seq_len))
     B, device = input_ids.shape[0], model.lm_head.weight.device
     tokens = torch.stack([t for t, _ in steps], 1) if steps else torch.zeros(B, 0, dtype=torch.long, device=device)
+    ended = torch.isin(tokens, torch.tensor(model.cfg.eos_token_ids, device=device))
+    n = int(torch.where(ended.any(1), ended.int().argmax(1) + 1, tokens.shape[1]).max()) if steps else 0
+    tokens = tokens[:, :n]  # up to the end of the longest row
     if not return_logprobs:
         return tokens
-    logprobs = torch.stack([lp for _, lp in steps], 1) if steps else torch.zeros(B, 0, device=device)
+    logprobs = torch.stack([lp for _, lp in steps], 1)[:, :n] if steps else torch.zeros(B, 0, device=device)
     return tokens, logprobs
 
 
@@ -435,28 +441,33 @@ def main(argv=None, stdin=sys.stdin, out=sys.stdout):
 
 # --- benchmarks (called by bench.py) ---
 
+HBM_BYTES_PER_S = {"H100": 3.35e12, "H200": 4.8e12, "A100": 2.0e12}  # datasheet bandwidth, for the roofline
+
 
 def _bench_models(cfg: M.Config, device, dtype):
     """Our model with fresh weights, and the `transformers` reference holding the same weights (test-only dep)."""
     import transformers
 
-    with torch.device(device):
-        ours = M.GLM4V(cfg).init_weights().to(dtype).eval()
-        ref = transformers.Glm4vForConditionalGeneration(transformers.Glm4vConfig(**cfg.to_hf()))
-    ref = ref.to(dtype).eval()
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # build in the target dtype: no full-precision copy of a 9B model
+    try:
+        with torch.device(device):
+            ours = M.GLM4V(cfg).init_weights().eval()
+            ref = transformers.Glm4vForConditionalGeneration(transformers.Glm4vConfig(**cfg.to_hf())).eval()
+    finally:
+        torch.set_default_dtype(default)
     ref.load_state_dict(ours.state_dict())
     return ours, ref
 
 
-def _best_time(fn, repeats):
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - start)
-    return best
+def _timed(fn):
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
 
 
 def _decode_rates(ours, ref, batch, prompt_len, new_tokens, repeats, compile):
@@ -466,53 +477,62 @@ def _decode_rates(ours, ref, batch, prompt_len, new_tokens, repeats, compile):
     ids = torch.randint(0, min(ours.cfg.vocab_size, 256), (batch, prompt_len), device=device,
                         generator=torch.Generator(device).manual_seed(0))
     mask = torch.ones_like(ids)
-
-    def run_ours(n):
-        return generate(ours, ids, n, compile=compile)
-
-    def run_ref(n):
-        with torch.no_grad():
-            return ref.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
-                                do_sample=False)
-
-    for fn in (run_ours, run_ref):  # warm up (and compile)
-        fn(new_tokens)
-    assert run_ours(new_tokens).shape[1] == new_tokens
-    times = {"ours": [float("inf")] * 2, "ref": [float("inf")] * 2}
-    for _ in range(repeats):
-        for name, fn in (("ours", run_ours), ("ref", run_ref)):
-            for i, n in enumerate((1, new_tokens)):
-                times[name][i] = min(times[name][i], _best_time(lambda: fn(n), 1))
-    return {name: batch * (new_tokens - 1) / (t[1] - t[0]) for name, t in times.items()}
+    runs = {"ours": lambda n: generate(ours, ids, n, compile=compile),
+            "ref": lambda n: ref.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, do_sample=False)}
+    with torch.no_grad():
+        for name, fn in runs.items():  # warm up (and compile)
+            assert fn(new_tokens).shape[1] >= new_tokens, name
+        best = {name: [float("inf"), float("inf")] for name in runs}
+        for _ in range(repeats):
+            for name, fn in runs.items():
+                for i, n in enumerate((1, new_tokens)):
+                    best[name][i] = min(best[name][i], _timed(lambda: fn(n)))
+    return {name: batch * (new_tokens - 1) / (t[1] - t[0]) for name, t in best.items()}
 
 
 def bench_sample(device="cpu"):
-    """Decode throughput of `generate` vs the reference `generate()` on the same weights, in one run.
-    CPU: the tiny width (hidden 256, 4 layers). CUDA: also the released 9B at batch 1 and batch 64, bf16."""
+    """Decode throughput of `generate` vs the reference `generate()` on the same weights, in one run. CPU: the
+    tiny preset's width (hidden 256, 4 layers), eager and compiled. CUDA: compiled + CUDA graphs, the tiny width,
+    the released 9B at batch 1 (with its HBM roofline: every decode step reads all decoder weights) and a batch-64
+    rollout, bf16."""
     device = torch.device(device)
-    rows = []
-    no_stop = dict(eos_token_ids=())  # random weights: never stop early, every run decodes the same count
-    cases = [("decode, tiny (hidden 256, 4 layers), batch 1", M.PRESETS["tiny"], torch.float32, 1, 32, 64, 5),
-             ("decode, tiny (hidden 256, 4 layers), batch 8", M.PRESETS["tiny"], torch.float32, 8, 32, 64, 3)]
+    tiny = dataclasses.replace(M.PRESETS["tiny"], eos_token_ids=())  # never stop early: equal work every run
+    big = dataclasses.replace(M.PRESETS["9b"], eos_token_ids=())
+    # (name, config, dtype, batch, prompt tokens, new tokens, repeats, compile)
     if device.type == "cuda":
-        cases += [("decode, 9B, bf16, batch 1", M.PRESETS["9b"], torch.bfloat16, 1, 128, 256, 3),
-                  ("rollout, 9B, bf16, batch 64", M.PRESETS["9b"], torch.bfloat16, 64, 256, 256, 2)]
-    for name, cfg, dtype, batch, prompt_len, new_tokens, repeats in cases:
-        torch.manual_seed(0)
-        ours, ref = _bench_models(dataclasses.replace(cfg, **no_stop), device, dtype)
-        rates = _decode_rates(ours, ref, batch, prompt_len, new_tokens, repeats, compile=device.type == "cuda")
+        cases = [("decode, tiny width, batch 1", tiny, torch.float32, 1, 32, 128, 3, True),
+                 ("decode, 9B, bf16, batch 1", big, torch.bfloat16, 1, 128, 256, 3, True),
+                 ("rollout, 9B, bf16, batch 64", big, torch.bfloat16, 64, 256, 256, 2, True)]
+    else:
+        cases = [("decode, tiny width (hidden 256, 4 layers), batch 1", tiny, torch.float32, 1, 32, 128, 5, False),
+                 ("decode, tiny width, batch 1, torch.compile", tiny, torch.float32, 1, 32, 128, 5, True),
+                 ("decode, tiny width, batch 8", tiny, torch.float32, 8, 32, 128, 3, False)]
+    rows, models = [], {}
+    for name, cfg, dtype, batch, prompt_len, new_tokens, repeats, compile in cases:
+        key = (cfg.hidden_size, cfg.num_hidden_layers, dtype)
+        if key not in models:
+            models.clear()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            torch.manual_seed(0)
+            models[key] = _bench_models(cfg, device, dtype)
+        ours, ref = models[key]
+        rates = _decode_rates(ours, ref, batch, prompt_len, new_tokens, repeats, compile)
         row = dict(name=name, ours=round(rates["ours"], 1), peer=round(rates["ref"], 1),
-                   ratio=round(rates["ours"] / rates["ref"], 2), units="tokens/s", device=str(device),
-                   prompt=prompt_len, new_tokens=new_tokens)
-        if device.type == "cuda" and batch == 1:  # weights read once per token: the HBM roofline
-            weight_bytes = sum(p.numel() * p.element_size() for n, p in ours.named_parameters()
-                               if not n.startswith("model.visual"))
-            peak = torch.cuda.get_device_properties(device).total_memory  # noqa: F841 (bandwidth is not exposed)
-            row["weight_gb"] = round(weight_bytes / 1e9, 2)
+                   ratio=round(rates["ours"] / rates["ref"], 2), units="decode tokens/s",
+                   peer_name="transformers generate()", device=str(device), batch=batch, prompt=prompt_len,
+                   new_tokens=new_tokens, compile=compile, threads=torch.get_num_threads())
+        if device.type == "cuda" and batch == 1:
+            # the bytes a decode step must read: decoder weights except the embedding table (one row is read)
+            weights = sum(p.numel() * p.element_size() for n, p in ours.named_parameters()
+                          if n.startswith(("model.language_model.layers", "model.language_model.norm", "lm_head")))
+            gpu = torch.cuda.get_device_name(device)
+            bandwidth = next((b for key, b in HBM_BYTES_PER_S.items() if key in gpu), None)
+            row.update(gpu=gpu, weight_gb=round(weights / 1e9, 2))
+            if bandwidth:
+                row.update(roofline=round(bandwidth / weights, 1),
+                           roofline_fraction=round(rates["ours"] * weights / bandwidth, 2))
         rows.append(row)
-        del ours, ref
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
     return rows
 
 

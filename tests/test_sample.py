@@ -136,6 +136,13 @@ def test_greedy_matches_reference_padded_batch_with_per_row_stops(pair, monkeypa
     # generation ends with the longest row: all rows stopping early shortens the result
     monkeypatch.setattr(ours, "cfg", dataclasses.replace(CFG, eos_token_ids=tuple(free[:, 0].tolist())))
     assert S.generate(ours, ids, n, attention_mask=mask, **vision).shape == (3, 1)
+    # the same when the device is asked only every 8 steps (as on a GPU) and the extra steps are cut off
+    monkeypatch.setitem(S.STOP_CHECK_EVERY, "cpu", 8)
+    steps = list(S.generate_stream(ours, ids, n, attention_mask=mask, **vision))
+    assert len(steps) == 8 and (torch.stack([t for t, _ in steps[1:]]) == CFG.pad_token_id).all()
+    assert S.generate(ours, ids, n, attention_mask=mask, **vision).shape == (3, 1)
+    monkeypatch.setattr(ours, "cfg", dataclasses.replace(CFG, eos_token_ids=eos))
+    assert torch.equal(S.generate(ours, ids, n, attention_mask=mask, **vision), stopped)
 
 
 def test_right_padding_gives_the_same_tokens(pair):
