@@ -1,24 +1,76 @@
 """The few operations where speed lives: packed attention, the two RoPEs and RMSNorm.
 
-Each operation has a plain-PyTorch version (the readable reference) and, on CUDA, a Triton kernel that must
-give the same numbers. `GLM4V_KERNELS=torch|triton` picks the implementation the model uses
-(default: triton on CUDA, torch elsewhere).
+Each operation has a plain-PyTorch version (the readable reference) and a Triton kernel that must give the same
+numbers. `GLM4V_KERNELS=torch|triton` picks the implementation the model uses (default: triton on CUDA tensors,
+torch elsewhere). The model files call only the dispatching functions at the bottom of each section:
+`flash_attention`, `rms_norm`, `rope_vision`, `mrope`.
+
+Algorithmic choices:
+- **Attention is FlashAttention-2** (Dao, 2023). The (T×T) score matrix never exists: each program holds one block
+  of queries and walks over blocks of keys with an *online softmax* (a running max and sum rescale the partial
+  output). Packed variable-length batches: a program reads its segment's bounds from `cu_seqlens`, so images or
+  samples of any size share one launch and attend only within themselves. GQA: query head h reads kv head
+  h // (Hq / Hkv). Any head_dim up to 256: tiles are padded to the next power of two and the padding is masked.
+  Inputs in fp32/bf16/fp16, accumulation in fp32. The causal mask is applied only on blocks that cross the
+  diagonal; blocks below it take a mask-free path.
+- **Attention backward** recomputes the probabilities block by block from the saved logsumexp (no T×T storage):
+  a preprocess computes delta = rowsum(dO·O); one kernel owns a block of keys and accumulates dK, dV over the
+  query heads of its GQA group (so no atomics); another owns a block of queries and accumulates dQ.
+- **One RoPE kernel for both RoPEs**: both rotate pairs of dims by angle position·inv_freq, where each frequency
+  takes its position from one row of a small position table (M-RoPE: t/h/w by `mrope_section`; ViT: row/col).
+  Only the pairing differs (interleaved (2i, 2i+1) for M-RoPE, halves (i, i+D/2) for the ViT). cos/sin are
+  computed in the kernel from the positions; q and k heads are rows of one launch. The backward of a rotation
+  is the inverse rotation: the same kernel with the angle negated.
+- **RMSNorm**: one row per program with fp32 statistics, rounded like the reference (normalise in fp32, cast to
+  x's dtype, then multiply by the weight); the backward reduces the weight gradient through per-program
+  partial sums, then one sum over programs.
+- Decoding (a few queries against a KV cache) stays on `scaled_dot_product_attention` in model.py.
+
+Triton on a CPU: compiled Triton needs a GPU, but its interpreter runs the same kernel source on CPU tensors
+(slowly, in numpy), which is how the tests check the kernels. The interpreter must be switched on before triton
+is imported (triton decorates its own library functions at import), so on a machine without a GPU this module
+sets TRITON_INTERPRET=1 before importing triton. If something imported triton earlier, set TRITON_INTERPRET=1
+in the environment yourself.
 """
+import functools
+import math
 import os
+import sys
+import time
 
 import torch
 import torch.nn.functional as F
 
 import rope2d
 
+if not torch.cuda.is_available() and "triton" not in sys.modules:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+# True when Triton runs kernels in its interpreter (on any tensor, CPU included).
+INTERPRETED = not isinstance(tl.sum, triton.runtime.JITFunction)
+
 
 def use_triton(x: torch.Tensor) -> bool:
+    """Whether the Triton kernels should handle tensor `x` (see `GLM4V_KERNELS` in the module docstring)."""
     choice = os.environ.get("GLM4V_KERNELS", "").lower()
     if choice not in ("", "torch", "triton"):
         raise ValueError(f"GLM4V_KERNELS must be 'torch' or 'triton', not {choice!r}")
-    if choice == "triton":
-        return True
-    return choice == "" and x.is_cuda
+    if choice == "torch" or (choice == "" and not x.is_cuda):
+        return False
+    if not x.is_cuda and not INTERPRETED:
+        raise ValueError("GLM4V_KERNELS=triton on CPU tensors runs Triton's interpreter, which must be switched on "
+                         "before triton is imported: set TRITON_INTERPRET=1 in the environment")
+    return True
+
+
+def _num_programs_for_reduction(device: torch.device, n_rows: int) -> int:
+    """How many programs share a row reduction: enough to fill a GPU, few in the interpreter."""
+    if device.type == "cuda" and not INTERPRETED:
+        return min(n_rows, 4 * torch.cuda.get_device_properties(device).multi_processor_count)
+    return min(n_rows, 4)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -50,29 +102,893 @@ def attention_torch(q, k, v, cu_seqlens=None, causal=False):
     return out[inverse]
 
 
-def flash_attention(q, k, v, cu_seqlens=None, causal=False):
-    """Packed attention over variable-length segments given by `cu_seqlens` (n+1,) int32; differentiable."""
+# Scores live in base-2 units (s · log2(e) / sqrt(D)) so the softmax uses exp2, the GPU's native exponential; the
+# saved logsumexp is in the same units.
+
+
+@triton.jit
+def _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, seq_len, lo, hi, qk_scale,
+                    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, MASKED: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Fold key blocks [lo, hi) into the running output of one query block (online softmax)."""
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < HEAD_DIM
+    for start_n in range(lo, hi, BLOCK_N):
+        n = start_n + offs_n
+        n_mask = n < seq_len
+        kv_mask = n_mask[:, None] & d_mask[None, :]
+        k = tl.load(k_base + n[:, None] * stride_kt + offs_d[None, :], mask=kv_mask, other=0.0)  # (N, D)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (M, N)
+        if MASKED:  # only the blocks at the segment's end or across the diagonal pay for the mask
+            valid = n_mask[None, :]
+            if CAUSAL:
+                valid = valid & (offs_m[:, None] >= n[None, :])
+            s = tl.where(valid, s, float("-inf"))
+        # online softmax: raise the running max, rescale what was accumulated under the old one
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + n[:, None] * stride_vt + offs_d[None, :], mask=kv_mask, other=0.0)  # (N, D)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _attn_fwd_kernel(Q, K, V, O, LSE, CU_SEQLENS, qk_scale, total,
+                     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
+                     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """One program = one block of BLOCK_M queries of one segment and one query head."""
+    # causal: the last query blocks see the most keys, so schedule them first (less idle tail)
+    block_m = tl.num_programs(0) - 1 - tl.program_id(0) if CAUSAL else tl.program_id(0)
+    segment, head = tl.program_id(1), tl.program_id(2)
+    seq_start = tl.load(CU_SEQLENS + segment).to(tl.int64)
+    seq_len = (tl.load(CU_SEQLENS + segment + 1) - seq_start).to(tl.int32)
+    start_m = block_m * BLOCK_M
+    if start_m >= seq_len:  # the grid is sized for the longest segment
+        return
+    kv_head = head // GROUP
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_mask = offs_m < seq_len
+    d_mask = offs_d < HEAD_DIM
+    q_base = Q + seq_start * stride_qt + head * stride_qh
+    k_base = K + seq_start * stride_kt + kv_head * stride_kh
+    v_base = V + seq_start * stride_vt + kv_head * stride_vh
+    q = tl.load(q_base + offs_m[:, None] * stride_qt + offs_d[None, :], mask=m_mask[:, None] & d_mask[None, :],
+                other=0.0)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running max of the scores
+    l_i = tl.zeros([BLOCK_M], tl.float32)  # running sum of exp2(score - max)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    # keys [0, unmasked_end) are valid for every query of the block; [unmasked_end, end) need the mask
+    if CAUSAL:
+        unmasked_end = start_m  # BLOCK_M is a multiple of BLOCK_N, so this is a block boundary
+        end = tl.minimum(start_m + BLOCK_M, seq_len)
+    else:
+        unmasked_end = (seq_len // BLOCK_N) * BLOCK_N
+        end = seq_len
+    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, seq_len,
+                                    0, unmasked_end, qk_scale, HEAD_DIM, CAUSAL, False, BLOCK_N, BLOCK_D,
+                                    DOT_PRECISION)
+    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, seq_len,
+                                    unmasked_end, end, qk_scale, HEAD_DIM, CAUSAL, True, BLOCK_N, BLOCK_D,
+                                    DOT_PRECISION)
+    # key 0 is visible to every query, so l_i > 0 for every row
+    out = acc / l_i[:, None]
+    tl.store(O + seq_start * stride_ot + head * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :],
+             out.to(O.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
+    tl.store(LSE + head * total + seq_start + offs_m, m_i + tl.log2(l_i), mask=m_mask)
+
+
+@triton.jit
+def _attn_bwd_delta_kernel(O, DO, DELTA, total, stride_ot, stride_oh, stride_dot, stride_doh,
+                           HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    """delta = rowsum(dO · O) per (head, token): the softmax-backward term shared by the dK/dV and dQ kernels."""
+    offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    head = tl.program_id(1)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (offs_t < total)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    rows = offs_t.to(tl.int64)[:, None]
+    o = tl.load(O + rows * stride_ot + head * stride_oh + offs_d[None, :], mask=mask, other=0.0)
+    do = tl.load(DO + rows * stride_dot + head * stride_doh + offs_d[None, :], mask=mask, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + head * total + offs_t, delta, mask=offs_t < total)
+
+
+@triton.jit
+def _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot, offs_n,
+                         seq_len, lo, hi, qk_scale, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Accumulate dK, dV of one key block over query blocks [lo, hi); Pᵀ and dPᵀ have keys as rows.
+
+    Query rows past the segment's end load as zeros (q, dO, lse, delta), which makes their terms exactly zero,
+    so only the causal diagonal needs a mask."""
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < HEAD_DIM
+    for start_m in range(lo, hi, BLOCK_M):
+        m = start_m + offs_m
+        m_mask = m < seq_len
+        qd_mask = m_mask[:, None] & d_mask[None, :]
+        q = tl.load(q_base + m[:, None] * stride_qt + offs_d[None, :], mask=qd_mask, other=0.0)  # (M, D)
+        lse = tl.load(lse_base + m, mask=m_mask, other=0.0)
+        p_t = tl.exp2(tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale - lse[None, :])  # Pᵀ (N, M)
+        if MASKED:
+            p_t = tl.where(m[None, :] >= offs_n[:, None], p_t, 0.0)
+        do = tl.load(do_base + m[:, None] * stride_dot + offs_d[None, :], mask=qd_mask, other=0.0)  # (M, D)
+        dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)  # dPᵀ = V dOᵀ (N, M)
+        delta = tl.load(delta_base + m, mask=m_mask, other=0.0)
+        ds_t = p_t * (dp_t - delta[None, :])  # softmax backward: dS = P ∘ (dP − delta)
+        dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def _attn_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, CU_SEQLENS, qk_scale, sm_scale, total,
+                          stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
+                          stride_dk_split, stride_dkt, stride_dkh, stride_dv_split, stride_dvt, stride_dvh,
+                          GROUP: tl.constexpr, SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                          DOT_PRECISION: tl.constexpr):
+    """One program = one block of BLOCK_N keys of one segment and one kv head; it loops over the query heads that
+    share this kv head, so dK and dV are summed in registers instead of with atomics. When that grid would be too
+    small to fill the GPU (short sequences, few kv heads), the GROUP query heads are split over SPLITS programs,
+    each writing its partial sums to its own slice of DK/DV (summed afterwards)."""
+    segment = tl.program_id(1)
+    kv_head, split = tl.program_id(2) // SPLITS, tl.program_id(2) % SPLITS
+    seq_start = tl.load(CU_SEQLENS + segment).to(tl.int64)
+    seq_len = (tl.load(CU_SEQLENS + segment + 1) - seq_start).to(tl.int32)
+    start_n = tl.program_id(0) * BLOCK_N
+    if start_n >= seq_len:
+        return
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    kv_mask = (offs_n < seq_len)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    k = tl.load(K + (seq_start + offs_n[:, None]) * stride_kt + kv_head * stride_kh + offs_d[None, :], mask=kv_mask,
+                other=0.0)
+    v = tl.load(V + (seq_start + offs_n[:, None]) * stride_vt + kv_head * stride_vh + offs_d[None, :], mask=kv_mask,
+                other=0.0)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    for g in range(GROUP // SPLITS):
+        head = kv_head * GROUP + split * (GROUP // SPLITS) + g
+        q_base = Q + seq_start * stride_qt + head * stride_qh
+        do_base = DO + seq_start * stride_dot + head * stride_doh
+        lse_base = LSE + head * total + seq_start
+        delta_base = DELTA + head * total + seq_start
+        if CAUSAL:
+            # queries before start_n never see these keys; [start_n, start_n + BLOCK_N) straddle the diagonal
+            # (BLOCK_N is a multiple of BLOCK_M); later queries see every key of the block
+            diagonal_end = tl.minimum(start_n + BLOCK_N, seq_len)
+            dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt,
+                                          stride_dot, offs_n, seq_len, start_n, diagonal_end, qk_scale, HEAD_DIM,
+                                          True, BLOCK_M, BLOCK_D, DOT_PRECISION)
+            dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt,
+                                          stride_dot, offs_n, seq_len, start_n + BLOCK_N, seq_len, qk_scale,
+                                          HEAD_DIM, False, BLOCK_M, BLOCK_D, DOT_PRECISION)
+        else:
+            dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt,
+                                          stride_dot, offs_n, seq_len, 0, seq_len, qk_scale, HEAD_DIM, False,
+                                          BLOCK_M, BLOCK_D, DOT_PRECISION)
+    dk *= sm_scale  # S = scale · QKᵀ, so dK = scale · dSᵀQ
+    dk_base = DK + split * stride_dk_split + kv_head * stride_dkh
+    dv_base = DV + split * stride_dv_split + kv_head * stride_dvh
+    tl.store(dk_base + (seq_start + offs_n[:, None]) * stride_dkt + offs_d[None, :], dk.to(DK.dtype.element_ty),
+             mask=kv_mask)
+    tl.store(dv_base + (seq_start + offs_n[:, None]) * stride_dvt + offs_d[None, :], dv.to(DV.dtype.element_ty),
+             mask=kv_mask)
+
+
+@triton.jit
+def _attn_bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, offs_m, seq_len, lo, hi,
+                       qk_scale, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, BLOCK_N: tl.constexpr,
+                       BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Accumulate dQ of one query block over key blocks [lo, hi). Keys past the segment's end load as zeros and
+    add exactly zero (dQ += dS · K), so only the causal diagonal needs a mask."""
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < HEAD_DIM
+    for start_n in range(lo, hi, BLOCK_N):
+        n = start_n + offs_n
+        kv_mask = (n < seq_len)[:, None] & d_mask[None, :]
+        k = tl.load(k_base + n[:, None] * stride_kt + offs_d[None, :], mask=kv_mask, other=0.0)  # (N, D)
+        v = tl.load(v_base + n[:, None] * stride_vt + offs_d[None, :], mask=kv_mask, other=0.0)  # (N, D)
+        p = tl.exp2(tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale - lse[:, None])  # (M, N)
+        if MASKED:
+            p = tl.where(offs_m[:, None] >= n[None, :], p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+    return dq
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, CU_SEQLENS, qk_scale, sm_scale, total,
+                        stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
+                        stride_dqt, stride_dqh,
+                        GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
+                        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """One program = one block of BLOCK_M queries of one segment and one query head."""
+    block_m = tl.num_programs(0) - 1 - tl.program_id(0) if CAUSAL else tl.program_id(0)
+    segment, head = tl.program_id(1), tl.program_id(2)
+    seq_start = tl.load(CU_SEQLENS + segment).to(tl.int64)
+    seq_len = (tl.load(CU_SEQLENS + segment + 1) - seq_start).to(tl.int32)
+    start_m = block_m * BLOCK_M
+    if start_m >= seq_len:
+        return
+    kv_head = head // GROUP
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_mask = offs_m < seq_len
+    mask = m_mask[:, None] & (offs_d < HEAD_DIM)[None, :]
+    rows = seq_start + offs_m[:, None]
+    q = tl.load(Q + rows * stride_qt + head * stride_qh + offs_d[None, :], mask=mask, other=0.0)
+    do = tl.load(DO + rows * stride_dot + head * stride_doh + offs_d[None, :], mask=mask, other=0.0)
+    lse = tl.load(LSE + head * total + seq_start + offs_m, mask=m_mask, other=0.0)
+    delta = tl.load(DELTA + head * total + seq_start + offs_m, mask=m_mask, other=0.0)
+    k_base = K + seq_start * stride_kt + kv_head * stride_kh
+    v_base = V + seq_start * stride_vt + kv_head * stride_vh
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    if CAUSAL:  # keys before start_m: no mask; [start_m, start_m + BLOCK_M): the diagonal (BLOCK_M % BLOCK_N == 0)
+        dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, offs_m, seq_len, 0,
+                                start_m, qk_scale, HEAD_DIM, False, BLOCK_N, BLOCK_D, DOT_PRECISION)
+        dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, offs_m, seq_len,
+                                start_m, tl.minimum(start_m + BLOCK_M, seq_len), qk_scale, HEAD_DIM, True, BLOCK_N,
+                                BLOCK_D, DOT_PRECISION)
+    else:
+        dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, offs_m, seq_len, 0,
+                                seq_len, qk_scale, HEAD_DIM, False, BLOCK_N, BLOCK_D, DOT_PRECISION)
+    dq *= sm_scale
+    tl.store(DQ + rows * stride_dqt + head * stride_dqh + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=mask)
+
+
+def _attention_tiles(head_dim: int, dtype: torch.dtype, device: torch.device) -> dict:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel. In the forward and dQ kernels BLOCK_M (queries) must
+    be a multiple of BLOCK_N (keys); in the dK/dV kernel the other way round (see the causal loops)."""
+    if device.type != "cuda" or INTERPRETED:
+        # small tiles in the interpreter (ratios as on the GPU, so the tests cover the same loop bounds)
+        return dict(fwd=(32, 16, 4, 1), dkdv=(16, 32, 4, 1), dq=(32, 16, 4, 1))
+    block_d = triton.next_power_of_2(head_dim)
+    big_smem = torch.cuda.get_device_properties(device).shared_memory_per_multiprocessor >= 160 * 1024
+    if dtype == torch.float32 or block_d > 128 or not big_smem:
+        return dict(fwd=(64, 32, 4, 2), dkdv=(16, 64, 4, 2), dq=(64, 16, 4, 2))
+    warps = 4 if block_d <= 64 else 8
+    return dict(fwd=(128, 64, warps, 3), dkdv=(32, 128, warps, 2), dq=(128, 32, warps, 2))
+
+
+def _group_splits(group: int, programs: int, device: torch.device) -> int:
+    """Over how many programs the dK/dV kernel spreads one GQA group: the smallest divisor of the group that gives
+    at least two programs per streaming multiprocessor (a small target in the interpreter, so tests cover it)."""
+    target = 16 if device.type != "cuda" or INTERPRETED else 2 * torch.cuda.get_device_properties(
+        device).multi_processor_count
+    return next((d for d in range(1, group + 1) if group % d == 0 and programs * d >= target), group)
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    """fp32 inputs multiply in full fp32 unless torch allows TF32 matmuls (as scaled_dot_product_attention does)."""
+    return "tf32" if dtype != torch.float32 or torch.backends.cuda.matmul.allow_tf32 else "ieee"
+
+
+class _FlashAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, cu_seqlens, max_seqlen, causal, sm_scale):
+        total, num_heads, head_dim = q.shape
+        group = num_heads // k.shape[1]
+        o = torch.empty_like(q)
+        lse = torch.empty(num_heads, total, dtype=torch.float32, device=q.device)  # base-2 logsumexp per row
+        block_m, block_n, warps, stages = _attention_tiles(head_dim, q.dtype, q.device)["fwd"]
+        grid = (triton.cdiv(max_seqlen, block_m), cu_seqlens.numel() - 1, num_heads)
+        _attn_fwd_kernel[grid](
+            q, k, v, o, lse, cu_seqlens, sm_scale * math.log2(math.e), total,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), o.stride(0), o.stride(1),
+            GROUP=group, HEAD_DIM=head_dim, CAUSAL=causal, BLOCK_M=block_m, BLOCK_N=block_n,
+            BLOCK_D=max(16, triton.next_power_of_2(head_dim)), DOT_PRECISION=_dot_precision(q.dtype),
+            num_warps=warps, num_stages=stages)
+        ctx.save_for_backward(q, k, v, o, lse, cu_seqlens)
+        ctx.max_seqlen, ctx.causal, ctx.sm_scale = max_seqlen, causal, sm_scale
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse, cu_seqlens = ctx.saved_tensors
+        total, num_heads, head_dim = q.shape
+        num_kv_heads = k.shape[1]
+        do = do if do.stride(-1) == 1 else do.contiguous()
+        block_d = max(16, triton.next_power_of_2(head_dim))
+        tiles = _attention_tiles(head_dim, q.dtype, q.device)
+        precision = _dot_precision(q.dtype)
+        qk_scale = ctx.sm_scale * math.log2(math.e)
+        num_segments = cu_seqlens.numel() - 1
+
+        delta = torch.empty_like(lse)
+        block_t = 32
+        _attn_bwd_delta_kernel[(triton.cdiv(total, block_t), num_heads)](
+            o, do, delta, total, o.stride(0), o.stride(1), do.stride(0), do.stride(1),
+            HEAD_DIM=head_dim, BLOCK_T=block_t, BLOCK_D=block_d)
+
+        block_m, block_n, warps, stages = tiles["dkdv"]
+        group = num_heads // num_kv_heads
+        programs = triton.cdiv(ctx.max_seqlen, block_n) * num_segments * num_kv_heads
+        splits = _group_splits(group, programs, q.device)
+        if splits == 1:
+            dk, dv = torch.empty_like(k), torch.empty_like(v)
+            dk_parts, dv_parts = dk[None], dv[None]
+        else:  # fp32 partial sums, one slice per split of the group
+            dk_parts = torch.empty(splits, *k.shape, dtype=torch.float32, device=k.device)
+            dv_parts = torch.empty_like(dk_parts)
+        _attn_bwd_dkdv_kernel[(triton.cdiv(ctx.max_seqlen, block_n), num_segments, num_kv_heads * splits)](
+            q, k, v, do, dk_parts, dv_parts, lse, delta, cu_seqlens, qk_scale, ctx.sm_scale, total,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1),
+            *dk_parts.stride()[:3], *dv_parts.stride()[:3],
+            GROUP=group, SPLITS=splits, HEAD_DIM=head_dim, CAUSAL=ctx.causal, BLOCK_M=block_m, BLOCK_N=block_n,
+            BLOCK_D=block_d, DOT_PRECISION=precision, num_warps=warps, num_stages=stages)
+        if splits > 1:
+            dk, dv = dk_parts.sum(0).to(k.dtype), dv_parts.sum(0).to(v.dtype)
+
+        dq = torch.empty_like(q)
+        block_m, block_n, warps, stages = tiles["dq"]
+        _attn_bwd_dq_kernel[(triton.cdiv(ctx.max_seqlen, block_m), num_segments, num_heads)](
+            q, k, v, do, dq, lse, delta, cu_seqlens, qk_scale, ctx.sm_scale, total,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1),
+            dq.stride(0), dq.stride(1),
+            GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, CAUSAL=ctx.causal, BLOCK_M=block_m,
+            BLOCK_N=block_n, BLOCK_D=block_d, DOT_PRECISION=precision, num_warps=warps, num_stages=stages)
+        return dq, dk, dv, None, None, None, None
+
+
+def flash_attention_triton(q, k, v, cu_seqlens=None, causal=False, max_seqlen=None, sm_scale=None):
+    """The Triton path of `flash_attention` (same arguments)."""
+    total, num_heads, head_dim = q.shape
+    if k.shape != v.shape or k.shape[0] != total or k.shape[2] != head_dim or num_heads % k.shape[1]:
+        raise ValueError(f"flash_attention needs q (total, Hq, D) and k, v (total, Hkv, D) with Hq a multiple of "
+                         f"Hkv; got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if head_dim > 256:
+        raise ValueError(f"flash_attention supports head_dim up to 256, got {head_dim}")
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"flash_attention needs q, k, v of one dtype among fp32/bf16/fp16; got {q.dtype}, "
+                         f"{k.dtype}, {v.dtype}")
+    if cu_seqlens is None:
+        cu_seqlens = torch.tensor([0, total], dtype=torch.int32, device=q.device)
+    cu_seqlens = cu_seqlens.to(device=q.device, dtype=torch.int32)
+    if max_seqlen is None:  # one host sync (and a check of cu_seqlens); callers that know it can pass it
+        bounds = cu_seqlens.tolist()
+        lengths = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
+        if bounds[0] != 0 or bounds[-1] != total or min(lengths, default=0) < 0:
+            raise ValueError(f"cu_seqlens must rise from 0 to the number of tokens {total}; got {bounds}")
+        max_seqlen = max(lengths, default=0)
+    if total == 0:
+        return q.clone()
+    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+    sm_scale = 1.0 / math.sqrt(head_dim) if sm_scale is None else sm_scale
+    return _FlashAttention.apply(q, k, v, cu_seqlens, int(max_seqlen), bool(causal), float(sm_scale))
+
+
+def flash_attention(q, k, v, cu_seqlens=None, causal=False, max_seqlen=None):
+    """Packed attention over variable-length segments given by `cu_seqlens` (n+1,) int32; differentiable.
+    q (total, Hq, D), k/v (total, Hkv, D). `max_seqlen` (the longest segment) saves the Triton path a host sync."""
+    if use_triton(q):
+        return flash_attention_triton(q, k, v, cu_seqlens, causal, max_seqlen)
     return attention_torch(q, k, v, cu_seqlens, causal)
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# RMSNorm and the two RoPEs
+# RMSNorm
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+def rms_norm_torch(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """weight * x / rms(x); statistics in fp32, rounded to x's dtype before the weight (as the reference)."""
     x32 = x.float()
     return weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
 
-def rope_vision(q, k, coords, theta=10000.0):
-    """Vision 2D-RoPE for q, k (N, H, D) at patch coords (N, 2)."""
+@triton.jit
+def _rms_norm_fwd_kernel(X, W, Y, RSTD, stride_x, stride_y, n_cols, eps, BLOCK_C: tl.constexpr):
+    """One program = one row."""
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_C)
+    mask = cols < n_cols
+    x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    rstd = tl.math.rsqrt(tl.sum(x * x, 0) / n_cols + eps)
+    normed = (x * rstd).to(X.dtype.element_ty)  # rounded to x's dtype before the weight, like the reference
+    w = tl.load(W + cols, mask=mask, other=0.0)
+    y = normed.to(tl.float32) * w.to(tl.float32)
+    tl.store(Y + row * stride_y + cols, y.to(Y.dtype.element_ty), mask=mask)
+    tl.store(RSTD + row, rstd)
+
+
+@triton.jit
+def _rms_norm_bwd_kernel(X, W, DY, DX, RSTD, DW_PARTIAL, stride_x, stride_dy, stride_dx, n_rows, n_cols,
+                         rows_per_program, BLOCK_C: tl.constexpr):
+    """One program = a run of rows. dx = rstd·(g − x̂·mean(g·x̂)) with g = dy·w and x̂ = x·rstd; the program's
+    share of dw = Σ dy·x̂ goes to its own row of DW_PARTIAL, summed over programs afterwards (no atomics)."""
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_C)
+    mask = cols < n_cols
+    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+    dw = tl.zeros([BLOCK_C], tl.float32)
+    first = pid * rows_per_program
+    x_ptr = X + first.to(tl.int64) * stride_x + cols  # 64-bit row offsets, advanced row by row
+    dy_ptr = DY + first.to(tl.int64) * stride_dy + cols
+    dx_ptr = DX + first.to(tl.int64) * stride_dx + cols
+    for row in range(first, tl.minimum(first + rows_per_program, n_rows)):
+        x = tl.load(x_ptr, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(dy_ptr, mask=mask, other=0.0).to(tl.float32)
+        rstd = tl.load(RSTD + row)
+        x_hat = x * rstd
+        dw += dy * x_hat.to(X.dtype.element_ty).to(tl.float32)  # the weight saw the rounded x̂
+        g = (dy * w).to(X.dtype.element_ty).to(tl.float32)  # the gradient reaching the cast, in x's dtype
+        dx = rstd * (g - x_hat * (tl.sum(g * x_hat, 0) / n_cols))
+        tl.store(dx_ptr, dx.to(DX.dtype.element_ty), mask=mask)
+        x_ptr += stride_x
+        dy_ptr += stride_dy
+        dx_ptr += stride_dx
+    tl.store(DW_PARTIAL + pid * n_cols + cols, dw, mask=mask)
+
+
+def _row_warps(block: int) -> int:
+    return 4 if block <= 1024 else 8 if block <= 4096 else 16
+
+
+class _RMSNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        shape, n_cols = x.shape, x.shape[-1]
+        x2 = x.reshape(-1, n_cols)
+        x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
+        y = torch.empty(x2.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
+        rstd = torch.empty(x2.shape[0], dtype=torch.float32, device=x.device)
+        block = triton.next_power_of_2(n_cols)
+        if x2.shape[0]:
+            _rms_norm_fwd_kernel[(x2.shape[0],)](x2, weight, y, rstd, x2.stride(0), y.stride(0), n_cols, eps,
+                                                 BLOCK_C=block, num_warps=_row_warps(block))
+        ctx.save_for_backward(x2, weight, rstd)
+        return y.view(shape)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2, weight, rstd = ctx.saved_tensors
+        n_rows, n_cols = x2.shape
+        dy2 = dy.reshape(-1, n_cols)
+        dy2 = dy2 if dy2.stride(-1) == 1 else dy2.contiguous()
+        dx = torch.empty_like(x2)
+        programs = max(1, _num_programs_for_reduction(x2.device, n_rows))
+        dw_partial = torch.zeros(programs, n_cols, dtype=torch.float32, device=x2.device)
+        block = triton.next_power_of_2(n_cols)
+        if n_rows:
+            _rms_norm_bwd_kernel[(programs,)](x2, weight, dy2, dx, rstd, dw_partial, x2.stride(0), dy2.stride(0),
+                                              dx.stride(0), n_rows, n_cols, triton.cdiv(n_rows, programs),
+                                              BLOCK_C=block, num_warps=_row_warps(block))
+        return dx.view(dy.shape), dw_partial.sum(0).to(weight.dtype), None
+
+
+def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return _RMSNorm.apply(x, weight, float(eps))
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """weight * x / rms(x) over the last dim (the decoder has four per layer, the ViT two per block)."""
+    if use_triton(x):
+        return rms_norm_triton(x, weight, eps)
+    return rms_norm_torch(x, weight, eps)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The two RoPEs: one fused kernel (paper §2)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _rope_kernel(Q, K, Q_OUT, K_OUT, POS, INV_FREQ, n_tokens,
+                 stride_qt, stride_qh, stride_kt, stride_kh, stride_pos_row, stride_pos_t, section_0, section_1,
+                 NUM_Q_HEADS: tl.constexpr, NUM_K_HEADS: tl.constexpr, NUM_POS_ROWS: tl.constexpr,
+                 HEAD_DIM: tl.constexpr, ROTARY_DIM: tl.constexpr, INTERLEAVED: tl.constexpr, INVERSE: tl.constexpr,
+                 ROUND_TERMS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_P: tl.constexpr):
+    """Rotate BLOCK_R rows — (token, head) pairs, all q heads of all tokens first, then all k heads — so q and k
+    share one launch. Pair f (of ROTARY_DIM/2) turns by angle pos·inv_freq[f], where pos comes from position row 0
+    for f < section_0, row 1 for f < section_0 + section_1 and row 2 beyond. Dims past ROTARY_DIM are copied."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    n_q_rows = n_tokens * NUM_Q_HEADS
+    is_q = rows < n_q_rows
+    is_k = (rows >= n_q_rows) & (rows < n_q_rows + n_tokens * NUM_K_HEADS)
+    k_rows = rows - n_q_rows
+    token = tl.where(is_q, rows // NUM_Q_HEADS, k_rows // NUM_K_HEADS).to(tl.int64)
+    head = tl.where(is_q, rows % NUM_Q_HEADS, k_rows % NUM_K_HEADS)
+    q_in = Q + token * stride_qt + head * stride_qh  # (BLOCK_R,) row starts
+    k_in = K + token * stride_kt + head * stride_kh
+    q_out = Q_OUT + rows.to(tl.int64) * HEAD_DIM
+    k_out = K_OUT + k_rows.to(tl.int64) * HEAD_DIM
+
+    # angles, computed here from the positions instead of read from cos/sin tables
+    f = tl.arange(0, BLOCK_F)
+    f_mask = f < ROTARY_DIM // 2
+    inv_freq = tl.load(INV_FREQ + f, mask=f_mask, other=0.0)
+    row_mask = is_q | is_k
+    pos_ptr = POS + token * stride_pos_t
+    pos_0 = tl.load(pos_ptr, mask=row_mask, other=0)
+    pos_1 = tl.load(pos_ptr + stride_pos_row, mask=row_mask, other=0)
+    if NUM_POS_ROWS == 3:
+        pos_2 = tl.load(pos_ptr + 2 * stride_pos_row, mask=row_mask, other=0)
+    else:  # the ViT's (row, col): no third row, and no frequency uses it
+        pos_2 = pos_1
+    pos = tl.where(f[None, :] < section_0, pos_0[:, None],
+                   tl.where(f[None, :] < section_0 + section_1, pos_1[:, None], pos_2[:, None]))
+    angle = pos.to(tl.float32) * inv_freq[None, :]  # (BLOCK_R, BLOCK_F), the same fp32 product as the reference
+    cos = tl.cos(angle)
+    sin = tl.sin(angle)
+    if INVERSE:  # the backward: rotate the gradient back
+        sin = -sin
+    out_dtype = Q_OUT.dtype.element_ty
+    if ROUND_TERMS:  # the M-RoPE reference works in the activation dtype: cos/sin and each product are rounded
+        cos = cos.to(out_dtype).to(tl.float32)
+        sin = sin.to(out_dtype).to(tl.float32)
+
+    if INTERLEAVED:  # M-RoPE pairs (x[2f], x[2f+1])
+        dim_a = 2 * f
+        dim_b = 2 * f + 1
+    else:  # ViT rotate-half pairs (x[f], x[f + D/2])
+        dim_a = f
+        dim_b = f + ROTARY_DIM // 2
+    q_mask = is_q[:, None] & f_mask[None, :]
+    k_mask = is_k[:, None] & f_mask[None, :]
+    x_a = tl.where(is_q[:, None], tl.load(q_in[:, None] + dim_a[None, :], mask=q_mask, other=0.0),
+                   tl.load(k_in[:, None] + dim_a[None, :], mask=k_mask, other=0.0)).to(tl.float32)
+    x_b = tl.where(is_q[:, None], tl.load(q_in[:, None] + dim_b[None, :], mask=q_mask, other=0.0),
+                   tl.load(k_in[:, None] + dim_b[None, :], mask=k_mask, other=0.0)).to(tl.float32)
+    a_cos, b_sin, b_cos, a_sin = x_a * cos, x_b * sin, x_b * cos, x_a * sin
+    if ROUND_TERMS:
+        a_cos, b_sin = a_cos.to(out_dtype).to(tl.float32), b_sin.to(out_dtype).to(tl.float32)
+        b_cos, a_sin = b_cos.to(out_dtype).to(tl.float32), a_sin.to(out_dtype).to(tl.float32)
+    out_a = (a_cos - b_sin).to(out_dtype)
+    out_b = (b_cos + a_sin).to(out_dtype)
+    tl.store(q_out[:, None] + dim_a[None, :], out_a, mask=q_mask)
+    tl.store(q_out[:, None] + dim_b[None, :], out_b, mask=q_mask)
+    tl.store(k_out[:, None] + dim_a[None, :], out_a, mask=k_mask)
+    tl.store(k_out[:, None] + dim_b[None, :], out_b, mask=k_mask)
+
+    if ROTARY_DIM < HEAD_DIM:  # partial rotary: the rest of the head passes through
+        d = ROTARY_DIM + tl.arange(0, BLOCK_P)
+        d_mask = d < HEAD_DIM
+        q_mask = is_q[:, None] & d_mask[None, :]
+        k_mask = is_k[:, None] & d_mask[None, :]
+        x = tl.where(is_q[:, None], tl.load(q_in[:, None] + d[None, :], mask=q_mask, other=0.0),
+                     tl.load(k_in[:, None] + d[None, :], mask=k_mask, other=0.0))
+        tl.store(q_out[:, None] + d[None, :], x, mask=q_mask)
+        tl.store(k_out[:, None] + d[None, :], x, mask=k_mask)
+
+
+def _rope_launch(q, k, positions, inv_freq, sections, interleaved, round_terms, inverse):
+    """Rotate q (*S, Hq, D) and k (*S, Hkv, D) in one launch; positions (R, n_tokens) with R = 2 or 3 rows."""
+    head_dim = q.shape[-1]
+    rotary_dim = 2 * inv_freq.numel()
+    q3 = q.reshape(-1, q.shape[-2], head_dim)
+    k3 = k.reshape(-1, k.shape[-2], head_dim)
+    q3, k3 = (x if x.stride(-1) == 1 else x.contiguous() for x in (q3, k3))
+    n_tokens, num_q_heads, num_k_heads = q3.shape[0], q3.shape[1], k3.shape[1]
+    q_out, k_out = torch.empty(q3.shape, dtype=q.dtype, device=q.device), torch.empty(k3.shape, dtype=k.dtype,
+                                                                                      device=k.device)
+    block_f = triton.next_power_of_2(rotary_dim // 2)
+    block_p = triton.next_power_of_2(max(head_dim - rotary_dim, 1))
+    block_r = max(16, min(128, 4096 // max(block_f, block_p)))
+    n_rows = n_tokens * (num_q_heads + num_k_heads)
+    if n_rows:
+        _rope_kernel[(triton.cdiv(n_rows, block_r),)](
+            q3, k3, q_out, k_out, positions, inv_freq, n_tokens,
+            q3.stride(0), q3.stride(1), k3.stride(0), k3.stride(1), positions.stride(0), positions.stride(1),
+            sections[0], sections[1],
+            NUM_Q_HEADS=num_q_heads, NUM_K_HEADS=num_k_heads, NUM_POS_ROWS=positions.shape[0],
+            HEAD_DIM=head_dim, ROTARY_DIM=rotary_dim,
+            INTERLEAVED=interleaved, INVERSE=inverse, ROUND_TERMS=round_terms,
+            BLOCK_R=block_r, BLOCK_F=block_f, BLOCK_P=block_p, num_warps=4)
+    return q_out.view(q.shape), k_out.view(k.shape)
+
+
+class _Rope(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, positions, inv_freq, sections, interleaved, round_terms):
+        ctx.save_for_backward(positions, inv_freq)
+        ctx.config = (sections, interleaved, round_terms)
+        return _rope_launch(q, k, positions, inv_freq, sections, interleaved, round_terms, inverse=False)
+
+    @staticmethod
+    def backward(ctx, dq_out, dk_out):
+        positions, inv_freq = ctx.saved_tensors
+        dq, dk = _rope_launch(dq_out, dk_out, positions, inv_freq, *ctx.config, inverse=True)
+        return dq, dk, None, None, None, None, None
+
+
+@functools.lru_cache(maxsize=None)  # a few floats per (dim, theta, device), never written
+def _vision_inv_freq(head_dim: int, theta: float, device) -> torch.Tensor:
+    """(head_dim/2,): the head_dim/4 frequencies of rope2d.vision_rope_cos_sin, once for rows and once for cols."""
+    with torch.inference_mode(False):  # cached: a first call during generation must not leave an inference tensor
+        inv_freq = rope2d.vision_inv_freq(head_dim, theta, device)
+        return torch.cat([inv_freq, inv_freq])
+
+
+@functools.lru_cache(maxsize=None)  # a few floats per (dim, theta, device), never written
+def _mrope_inv_freq(rotary_dim: int, theta: float, device) -> torch.Tensor:
+    """(rotary_dim/2,): the frequencies of rope2d.mrope_cos_sin."""
+    with torch.inference_mode(False):
+        return rope2d.mrope_inv_freq(rotary_dim, theta, device)
+
+
+def rope_vision_torch(q, k, coords, theta=10000.0):
     cos, sin = rope2d.vision_rope_cos_sin(coords, q.shape[-1], theta)
     return rope2d.apply_rope_vision(q, k, cos, sin)
 
 
-def mrope(q, k, position_ids, rotary_dim, mrope_section, theta=10000.0):
-    """Text 3D M-RoPE for q, k (*S, H, D) at positions (3, *S)."""
+def rope_vision_triton(q, k, coords, theta=10000.0):
+    head_dim = q.shape[-1]
+    if head_dim % 4:
+        raise ValueError(f"vision 2D-RoPE needs head_dim divisible by 4, got {head_dim}")
+    sections = (head_dim // 4, head_dim // 4)  # frequencies [0, D/4) turn with the row, [D/4, D/2) with the col
+    return _Rope.apply(q, k, coords.T, _vision_inv_freq(head_dim, theta, q.device), sections, False, False)
+
+
+def rope_vision(q, k, coords, theta=10000.0):
+    """Vision 2D-RoPE for q, k (N, H, D) at patch coords (N, 2)."""
+    if use_triton(q):
+        return rope_vision_triton(q, k, coords, theta)
+    return rope_vision_torch(q, k, coords, theta)
+
+
+def mrope_torch(q, k, position_ids, rotary_dim, mrope_section, theta=10000.0):
     cos, sin = rope2d.mrope_cos_sin(position_ids, rotary_dim, mrope_section, theta, dtype=q.dtype)
     return rope2d.apply_mrope(q, k, cos, sin)
+
+
+def mrope_triton(q, k, position_ids, rotary_dim, mrope_section, theta=10000.0):
+    if sum(mrope_section) != rotary_dim // 2 or len(mrope_section) != 3:
+        raise ValueError(f"mrope_section {tuple(mrope_section)} must be 3 numbers summing to {rotary_dim // 2}")
+    if rotary_dim % 2 or rotary_dim > q.shape[-1]:
+        raise ValueError(f"rotary_dim {rotary_dim} must be even and at most head_dim {q.shape[-1]}")
+    positions = position_ids.reshape(3, -1)  # (3, n_tokens), tokens in the order of q.reshape(-1, H, D)
+    return _Rope.apply(q, k, positions, _mrope_inv_freq(rotary_dim, theta, q.device), tuple(mrope_section[:2]),
+                       True, True)
+
+
+def mrope(q, k, position_ids, rotary_dim, mrope_section, theta=10000.0):
+    """Text 3D M-RoPE for q, k (*S, H, D) at positions (3, *S)."""
+    if use_triton(q):
+        return mrope_triton(q, k, position_ids, rotary_dim, mrope_section, theta)
+    return mrope_torch(q, k, position_ids, rotary_dim, mrope_section, theta)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# --- benchmarks (called by bench.py) ---
+# ---------------------------------------------------------------------------------------------------------------
+# Each row compares our kernel with a peer measured in the same run on the same GPU. The columns bench.py prints
+# (ours, peer, ratio) are display strings; the numbers behind them ride along (ours_ms, peer_ms, speedup, ...).
+# `speedup` is the peer's time over ours (above 1: we are faster).
+
+
+def _time_ms(fn, device: torch.device, grad_to_none=()) -> float:
+    """Mean milliseconds per call: Triton's do_bench on CUDA (CUDA events, L2 flushed between calls). The .grad
+    of `grad_to_none` is cleared before each call, so a backward writes its gradients instead of adding to them."""
+    if device.type == "cuda":
+        import triton.testing
+
+        return triton.testing.do_bench(fn, warmup=25, rep=100, grad_to_none=list(grad_to_none))
+    times = []
+    for _ in range(3):
+        for x in grad_to_none:
+            x.grad = None
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times[1:]) * 1e3
+
+
+def _no_grad(fn):
+    def run():
+        with torch.no_grad():
+            return fn()
+    return run
+
+
+def _peak_memory_mib(fn, device: torch.device, grad_to_none=()) -> float:
+    """Extra memory fn() allocates at its peak (CUDA only)."""
+    if device.type != "cuda":
+        return float("nan")
+    for x in grad_to_none:
+        x.grad = None
+    torch.cuda.synchronize(device)
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return (torch.cuda.max_memory_allocated(device) - base) / 2 ** 20
+
+
+def _hbm_peak_gbs(device: torch.device) -> float:
+    """The memory's nominal bandwidth: two transfers per clock (kHz) over the bus width (bits)."""
+    if device.type != "cuda":
+        return float("nan")
+    props = torch.cuda.get_device_properties(device)
+    return 2 * props.memory_clock_rate * 1e3 * props.memory_bus_width / 8 / 1e9
+
+
+def _row(name, ours_ms, peer_ms, peer_name, goal, ours_extra="", peer_extra="", ratio_extra="", **numbers) -> dict:
+    speedup = peer_ms / ours_ms
+    return dict(name=name, ours=f"{ours_ms:.3f} ms{ours_extra}", peer=f"{peer_ms:.3f} ms{peer_extra} ({peer_name})",
+                ratio=f"{speedup:.2f}x{ratio_extra} (goal: {goal})", units="ms",
+                ours_ms=ours_ms, peer_ms=peer_ms, speedup=speedup, peer_name=peer_name, goal=goal, **numbers)
+
+
+def _sdpa_backends(device: torch.device) -> dict:
+    from torch.nn.attention import SDPBackend
+
+    if device.type == "cuda":
+        return {"sdpa-flash": SDPBackend.FLASH_ATTENTION, "sdpa-cudnn": SDPBackend.CUDNN_ATTENTION}
+    return {"sdpa-math": SDPBackend.MATH}
+
+
+def _sdpa(q, k, v, causal, backend):
+    """scaled_dot_product_attention on (B, H, T, D) with one backend; GQA natively, else by repeating k and v."""
+    from torch.nn.attention import sdpa_kernel
+
+    with sdpa_kernel(backend):
+        try:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=q.shape[1] != k.shape[1])
+        except RuntimeError:  # this backend has no native GQA
+            group = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+            return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+
+def _bench_causal_attention(device, dtype, batch, num_heads, num_kv_heads, head_dim, seq_lens) -> list:
+    """Causal GQA attention, forward and backward, against the fastest of scaled_dot_product_attention's flash and
+    cuDNN backends; TFLOP/s with the standard count 4·B·H·T²·D (halved for causal; backward 2.5× forward)."""
+    rows = []
+    for T in seq_lens:
+        g = torch.Generator(device=device).manual_seed(0)
+        q = torch.randn(batch, num_heads, T, head_dim, device=device, dtype=dtype, generator=g, requires_grad=True)
+        k = torch.randn(batch, num_kv_heads, T, head_dim, device=device, dtype=dtype, generator=g,
+                        requires_grad=True)
+        v = torch.randn_like(k, requires_grad=True)
+        do = torch.randn_like(q)
+        # ours takes the batch packed: (B·T, H, D) with segment bounds
+        qp, kp, vp = (x.detach().transpose(1, 2).reshape(-1, x.shape[1], head_dim).requires_grad_() for x in (q, k, v))
+        dop = do.transpose(1, 2).reshape(-1, num_heads, head_dim)
+        cu = torch.arange(0, (batch + 1) * T, T, dtype=torch.int32, device=device)
+
+        def ours():
+            return flash_attention_triton(qp, kp, vp, cu, causal=True, max_seqlen=T)
+
+        ours_ms = [_time_ms(_no_grad(ours), device)]
+        out = ours()
+        ours_ms.append(_time_ms(lambda: out.backward(dop, retain_graph=True), device, (qp, kp, vp)))
+        peers = {}
+        for peer_name, backend in _sdpa_backends(device).items():
+            try:
+                fwd = _time_ms(_no_grad(lambda: _sdpa(q, k, v, True, backend)), device)
+                out_peer = _sdpa(q, k, v, True, backend)
+                bwd = _time_ms(lambda: out_peer.backward(do, retain_graph=True), device, (q, k, v))
+            except RuntimeError as e:  # backend not available for this GPU / dtype / shape
+                print(f"bench: {peer_name} skipped: {str(e).splitlines()[0]}", file=sys.stderr)
+                continue
+            peers[peer_name] = (fwd, bwd)
+        flops_fwd = 4 * batch * num_heads * T * T * head_dim * 0.5
+        for i, (phase, flops, goal) in enumerate((("fwd", flops_fwd, ">= 0.85x"), ("bwd", 2.5 * flops_fwd, ">= 0.6x"))):
+            peer_name, times = min(peers.items(), key=lambda item: item[1][i])
+            ours_tflops, peer_tflops = flops / ours_ms[i] / 1e9, flops / times[i] / 1e9
+            rows.append(_row(f"attention causal GQA {phase} B={batch} Hq={num_heads} Hkv={num_kv_heads} D={head_dim} "
+                             f"T={T} {str(dtype).replace('torch.', '')}", ours_ms[i], times[i], peer_name, goal,
+                             ours_extra=f", {ours_tflops:.0f} TFLOP/s", peer_extra=f", {peer_tflops:.0f} TFLOP/s",
+                             ours_tflops=ours_tflops, peer_tflops=peer_tflops))
+    return rows
+
+
+def _bench_packed_vit_attention(device, dtype, grids, num_heads, head_dim) -> list:
+    """Bidirectional attention within each of several images packed in one sequence (fwd + bwd), against the
+    reference's loop over images and against one call with a dense block-diagonal mask; time and peak memory."""
+    lengths = [h * w for h, w in grids]
+    total = sum(lengths)
+    g = torch.Generator(device=device).manual_seed(0)
+    q, k, v, do = (torch.randn(total, num_heads, head_dim, device=device, dtype=dtype, generator=g)
+                   for _ in range(4))
+    q, k, v = (x.requires_grad_() for x in (q, k, v))
+    cu = torch.tensor([0] + lengths, device=device).cumsum(0).to(torch.int32)
+    segment = torch.repeat_interleave(torch.arange(len(lengths), device=device), torch.tensor(lengths, device=device))
+    backend = next(iter(_sdpa_backends(device).values()))
+
+    def ours():
+        flash_attention_triton(q, k, v, cu, causal=False, max_seqlen=max(lengths)).backward(do)
+
+    def per_image():
+        outs = [_sdpa(*(x[a:b].transpose(0, 1)[None] for x in (q, k, v)), False, backend)[0].transpose(0, 1)
+                for a, b in zip(cu[:-1].tolist(), cu[1:].tolist())]
+        torch.cat(outs).backward(do)
+
+    def dense_mask():
+        mask = segment[:, None] == segment[None, :]  # (total, total): the memory the packed kernel avoids
+        out = F.scaled_dot_product_attention(*(x.transpose(0, 1)[None] for x in (q, k, v)), attn_mask=mask)
+        out[0].transpose(0, 1).backward(do)
+
+    rows = []
+    name = f"packed ViT attention fwd+bwd, {len(grids)} images, {total} patches, H={num_heads} D={head_dim}"
+    ours_ms, ours_mib = _time_ms(ours, device, (q, k, v)), _peak_memory_mib(ours, device, (q, k, v))
+    for peer_name, peer, goal in (("per-image loop", per_image, "> 1x"),
+                                  ("dense block mask", dense_mask, ">= 5x at <= 0.5x memory")):
+        peer_ms, peer_mib = _time_ms(peer, device, (q, k, v)), _peak_memory_mib(peer, device, (q, k, v))
+        rows.append(_row(f"{name} vs {peer_name}", ours_ms, peer_ms, peer_name, goal,
+                         ours_extra=f", {ours_mib:.0f} MiB", peer_extra=f", {peer_mib:.0f} MiB",
+                         ratio_extra=f" faster, {ours_mib / peer_mib:.2f}x memory", ours_peak_mib=ours_mib,
+                         peer_peak_mib=peer_mib, memory_ratio=ours_mib / peer_mib))
+    return rows
+
+
+def _bench_mrope(device, dtype, tokens, num_heads, num_kv_heads, head_dim, section) -> list:
+    """q + k M-RoPE, forward and backward, against the eager reference (cos/sin tables + elementwise ops)."""
+    g = torch.Generator(device=device).manual_seed(0)
+    q = torch.randn(tokens, num_heads, head_dim, device=device, dtype=dtype, generator=g, requires_grad=True)
+    k = torch.randn(tokens, num_kv_heads, head_dim, device=device, dtype=dtype, generator=g, requires_grad=True)
+    dq_out, dk_out = torch.randn_like(q), torch.randn_like(k)
+    positions = torch.randint(0, tokens, (3, tokens), device=device, generator=g)
+    rotary_dim = 2 * sum(section)
+
+    def step(rope):
+        return lambda: torch.autograd.backward(rope(q, k, positions, rotary_dim, section), (dq_out, dk_out))
+
+    ours_ms = _time_ms(step(mrope_triton), device, (q, k))
+    peer_ms = _time_ms(step(mrope_torch), device, (q, k))
+    # the unavoidable traffic: read q, k and write them rotated; read their gradients and write them back
+    gbs = 4 * (q.numel() + k.numel()) * q.element_size() / 1e9 / ours_ms * 1e3
+    hbm = gbs / _hbm_peak_gbs(device)
+    return [_row(f"M-RoPE q+k fwd+bwd T={tokens} Hq={num_heads} Hkv={num_kv_heads} D={head_dim} "
+                 f"{str(dtype).replace('torch.', '')}", ours_ms, peer_ms, "eager", ">= 3x and >= 60% of HBM",
+                 ours_extra=f", {gbs:.0f} GB/s = {hbm:.0%} of HBM", ours_gbs=gbs, hbm_fraction=hbm)]
+
+
+def _bench_rms_norm(device, dtype, rows_, cols) -> list:
+    """RMSNorm forward, and forward + backward, against eager; achieved GB/s over the tensors it must move."""
+    g = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(rows_, cols, device=device, dtype=dtype, generator=g, requires_grad=True)
+    w = torch.randn(cols, device=device, dtype=dtype, generator=g, requires_grad=True)
+    dy = torch.randn_like(x)
+    nbytes = x.numel() * x.element_size()
+    out = []
+    for phase, gbytes in (("fwd", 2 * nbytes / 1e9), ("fwd+bwd", 5 * nbytes / 1e9)):  # x→y; then x, dy → dx
+        def run(norm):
+            if phase == "fwd":
+                return _no_grad(lambda: norm(x, w, 1e-5))
+            return lambda: norm(x, w, 1e-5).backward(dy)
+        ours_ms = _time_ms(run(rms_norm_triton), device, (x, w))
+        peer_ms = _time_ms(run(rms_norm_torch), device, (x, w))
+        gbs = gbytes / ours_ms * 1e3
+        hbm = gbs / _hbm_peak_gbs(device)
+        out.append(_row(f"RMSNorm {phase} {rows_}x{cols} {str(dtype).replace('torch.', '')}", ours_ms, peer_ms,
+                        "eager", ">= 70% of HBM", ours_extra=f", {gbs:.0f} GB/s = {hbm:.0%} of HBM", ours_gbs=gbs,
+                        hbm_fraction=hbm))
+    return out
+
+
+def bench_kernels(device="cuda") -> list:
+    """The issue's benchmark table, bf16 on a GPU. Without one there is nothing to measure: returns []."""
+    device = torch.device(device)
+    if device.type != "cuda" or not torch.cuda.is_available() or INTERPRETED:
+        print("bench_kernels: the kernel benchmarks need a CUDA GPU (and no TRITON_INTERPRET); nothing measured",
+              file=sys.stderr)
+        return []
+    dtype = torch.bfloat16
+    # 8 images from 16×16 to 64×64 patches (224 to 896 px), every one a different shape
+    vit_grids = [(64, 64), (48, 64), (32, 32), (64, 32), (16, 16), (40, 56), (24, 80), (56, 40)]
+    return (_bench_causal_attention(device, dtype, 2, 32, 2, 128, (2048, 8192))
+            + _bench_packed_vit_attention(device, dtype, vit_grids, 12, 128)
+            + _bench_mrope(device, dtype, 16384, 32, 2, 128, (8, 12, 12))
+            + _bench_rms_norm(device, dtype, 16384, 4096))
+
+
+def bench_kernels_sanity(device="cpu") -> list:
+    """The same benchmark code on tiny fp32 shapes (through the interpreter on a CPU): checks that it runs; its
+    times say nothing about speed."""
+    device = torch.device(device)
+    return (_bench_causal_attention(device, torch.float32, 1, 2, 1, 16, (32,))
+            + _bench_packed_vit_attention(device, torch.float32, [(2, 3), (4, 4), (1, 5)], 2, 16)
+            + _bench_mrope(device, torch.float32, 16, 2, 1, 16, (1, 1, 2))
+            + _bench_rms_norm(device, torch.float32, 8, 24))

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field, fields
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 import kernels
 import rope2d
@@ -205,7 +206,7 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, cfg.hidden_size, bias=False)
         self.kv_cache = None
 
-    def forward(self, x, position_ids, cu_seqlens=None, input_pos=None, cache_mask=None):
+    def forward(self, x, position_ids, cu_seqlens=None, max_seqlen=None, input_pos=None, cache_mask=None):
         """Packed: x (N, C), position_ids (3, N), cu_seqlens → causal attention inside each sequence.
         Cached (generation): x (B, T, C), position_ids (3, B, T), input_pos (T,), cache_mask (B, 1, T, S)."""
         shape = x.shape[:-1]
@@ -214,7 +215,7 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(*shape, self.num_kv_heads, self.head_dim)
         q, k = kernels.mrope(q, k, position_ids, self.cfg.rotary_dim, self.cfg.mrope_section, self.cfg.rope_theta)
         if input_pos is None:
-            out = kernels.flash_attention(q, k, v, cu_seqlens, causal=True)
+            out = kernels.flash_attention(q, k, v, cu_seqlens, causal=True, max_seqlen=max_seqlen)
         else:
             q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
             k, v = self.kv_cache.update(input_pos, k, v)
@@ -256,9 +257,17 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(cfg)
         self.post_mlp_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, position_ids, cu_seqlens=None, input_pos=None, cache_mask=None):
+    activation_checkpointing = False  # set by the trainer: recompute this layer in the backward pass
+
+    def forward(self, x, position_ids, cu_seqlens=None, max_seqlen=None, input_pos=None, cache_mask=None):
+        args = (x, position_ids, cu_seqlens, max_seqlen, input_pos, cache_mask)
+        if self.activation_checkpointing and torch.is_grad_enabled():
+            return checkpoint(self._forward, *args, use_reentrant=False)
+        return self._forward(*args)
+
+    def _forward(self, x, position_ids, cu_seqlens=None, max_seqlen=None, input_pos=None, cache_mask=None):
         x = x + self.post_self_attn_layernorm(
-            self.self_attn(self.input_layernorm(x), position_ids, cu_seqlens, input_pos, cache_mask))
+            self.self_attn(self.input_layernorm(x), position_ids, cu_seqlens, max_seqlen, input_pos, cache_mask))
         return x + self.post_mlp_layernorm(self.mlp(self.post_attention_layernorm(x)))
 
 
@@ -269,10 +278,27 @@ class TextModel(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, position_ids, cu_seqlens=None, input_pos=None, cache_mask=None):
+    def forward(self, x, position_ids, cu_seqlens=None, max_seqlen=None, input_pos=None, cache_mask=None):
         for layer in self.layers:
-            x = layer(x, position_ids, cu_seqlens, input_pos, cache_mask)
+            x = layer(x, position_ids, cu_seqlens, max_seqlen, input_pos, cache_mask)
         return self.norm(x)
+
+
+def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int = 4096):
+    """log p(target) for each row of hidden (N, C) under logits = hidden @ weight.T; 0 where target == -100.
+
+    Works through chunks of rows, recomputing each chunk's logits in the backward pass, so the (N, vocab) fp32
+    logits — 5 GB for 8k tokens of a 151k vocabulary — never exist at once."""
+    def chunk_logprobs(h, t):
+        logits = (h @ weight.T).float()
+        picked = logits.gather(-1, t.clamp(min=0)[:, None])[:, 0]
+        return torch.where(t >= 0, picked - logits.logsumexp(-1), 0.0)
+
+    parts = []
+    for h, t in zip(hidden.split(chunk_size), targets.split(chunk_size)):
+        parts.append(checkpoint(chunk_logprobs, h, t, use_reentrant=False) if torch.is_grad_enabled()
+                     else chunk_logprobs(h, t))
+    return torch.cat(parts)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -334,13 +360,15 @@ class GLM4V(nn.Module):
     # --- forward -------------------------------------------------------------------------------------------
 
     def forward(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
-                pixel_values_videos=None, video_grid_thw=None, position_ids=None, cu_seqlens=None,
-                return_hidden=False):
-        """Logits (B, T, vocab) — or final hidden states (B, T, C) with `return_hidden=True` (for chunked losses).
+                pixel_values_videos=None, video_grid_thw=None, position_ids=None, cu_seqlens=None, labels=None):
+        """Logits (B, T, vocab); or, given `labels` (B, T), the log-probability of each label token (B, T).
 
         `attention_mask` (B, T) marks real tokens (left or right padding); padded positions come back as zeros.
         For packed training pass input_ids (1, T), position_ids (3, 1, T) and cu_seqlens (n+1,) of the samples.
-        3D positions are derived from input_ids and the grids when not given."""
+        3D positions are derived from input_ids and the grids when not given.
+        `labels` follow the Hugging Face convention (not shifted; -100 = no loss): out[b, t] is
+        log p(labels[b, t] | tokens before t), 0 where labels[b, t] == -100 — the training loss is its negated
+        mean, and RL's policy ratios come from it. The logits are then computed in chunks and never returned."""
         B, T = input_ids.shape
         x = self.embed(input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)
         if position_ids is None:
@@ -348,22 +376,30 @@ class GLM4V(nn.Module):
                                                     **self.cfg.rope_index_kwargs())
         if cu_seqlens is not None and attention_mask is not None:
             raise ValueError("pass either cu_seqlens (packed samples) or attention_mask (padded rows), not both")
-        if attention_mask is None:
-            keep = None
-            lengths = torch.full((B,), T, device=input_ids.device)
-        else:
-            keep = attention_mask.bool()
-            lengths = keep.sum(-1)
+        keep = None if attention_mask is None else attention_mask.bool()
         if cu_seqlens is None:
+            lengths = torch.full((B,), T, device=input_ids.device) if keep is None else keep.sum(-1)
             cu_seqlens = F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
-        # pack: (B, T, C) -> (N, C) of real tokens only
-        x = x.flatten(0, 1) if keep is None else x[keep]
+        cu_seqlens = cu_seqlens.to(x.device)
+        max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())  # once here, not once per layer
+
+        def pack(t):  # (B, T, ...) -> (N, ...) of real tokens only
+            return t.flatten(0, 1) if keep is None else t[keep]
+
+        def unpack(t):  # (N, ...) -> (B, T, ...), zeros at padding
+            if keep is None:
+                return t.view(B, T, *t.shape[1:])
+            return t.new_zeros(B, T, *t.shape[1:]).index_put_((keep,), t)
+
         positions = position_ids.flatten(1) if keep is None else position_ids[:, keep]
-        h = self.model.language_model(x, positions, cu_seqlens.to(x.device))
-        out = h if return_hidden else self.lm_head(h)
-        if keep is None:
-            return out.view(B, T, -1)
-        return out.new_zeros(B, T, out.shape[-1]).masked_scatter(keep[..., None], out)
+        h = self.model.language_model(pack(x), positions, cu_seqlens, max_seqlen)
+        if labels is None:
+            return unpack(self.lm_head(h))
+        # position i predicts token i+1 of its own sequence; the last token of a sequence predicts nothing
+        targets = pack(labels).roll(-1)
+        targets[cu_seqlens[1:].long() - 1] = -100
+        logprobs = token_logprobs(h, self.lm_head.weight, targets)
+        return unpack(logprobs.roll(1))  # back to the positions of the predicted tokens
 
     # --- generation with a static KV cache (used by sample.py) ---------------------------------------------
 
@@ -428,34 +464,39 @@ class GLM4V(nn.Module):
 
     def save_pretrained(self, path, max_shard_bytes=5 * 1024 ** 3, dtype=None):
         """Write config.json and model.safetensors (sharded with an index above `max_shard_bytes`)."""
-        from safetensors.torch import save_file
+        write_hf_checkpoint(path, self.cfg, self.state_dict(), max_shard_bytes, dtype)
 
-        os.makedirs(path, exist_ok=True)
-        config = self.cfg.to_hf()
-        tensors = {name: t.detach().to(dtype or t.dtype).contiguous().cpu() for name, t in self.state_dict().items()}
-        config["torch_dtype"] = str(next(iter(tensors.values())).dtype).replace("torch.", "")
-        with open(os.path.join(path, "config.json"), "w") as f:
-            json.dump(config, f, indent=2)
-        shards, current, size = [], {}, 0
-        for name, t in tensors.items():
-            nbytes = t.numel() * t.element_size()
-            if current and size + nbytes > max_shard_bytes:
-                shards.append(current)
-                current, size = {}, 0
-            current[name], size = t, size + nbytes
-        shards.append(current)
-        if len(shards) == 1:
-            save_file(shards[0], os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
-            return
-        weight_map = {}
-        for i, shard in enumerate(shards):
-            file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, os.path.join(path, file), metadata={"format": "pt"})
-            weight_map.update({name: file for name in shard})
-        index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
-                 "weight_map": weight_map}
-        with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
-            json.dump(index, f, indent=2)
+
+def write_hf_checkpoint(path, cfg: Config, state_dict: dict, max_shard_bytes=5 * 1024 ** 3, dtype=None):
+    """config.json + safetensors (one file, or shards + model.safetensors.index.json), as `transformers` writes."""
+    from safetensors.torch import save_file
+
+    os.makedirs(path, exist_ok=True)
+    config = cfg.to_hf()
+    tensors = {name: t.detach().to(dtype or t.dtype).contiguous().cpu() for name, t in state_dict.items()}
+    config["torch_dtype"] = str(next(iter(tensors.values())).dtype).replace("torch.", "")
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    shards, current, size = [], {}, 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if current and size + nbytes > max_shard_bytes:
+            shards.append(current)
+            current, size = {}, 0
+        current[name], size = t, size + nbytes
+    shards.append(current)
+    if len(shards) == 1:
+        save_file(shards[0], os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, os.path.join(path, file), metadata={"format": "pt"})
+        weight_map.update({name: file for name in shard})
+    index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
+             "weight_map": weight_map}
+    with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
+        json.dump(index, f, indent=2)
 
 
 def checkpoint_files(path) -> list:

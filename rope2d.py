@@ -37,14 +37,15 @@ def vision_patch_coords(grid_thw: torch.Tensor, spatial_merge_size: int) -> torc
     return torch.cat(coords).to(grid_thw.device)
 
 
-def vision_rope_cos_sin(coords: torch.Tensor, head_dim: int, theta: float = 10000.0):
-    """cos/sin tables (N, head_dim) for patches at `coords` (N, 2).
+def vision_inv_freq(head_dim: int, theta: float = 10000.0, device=None) -> torch.Tensor:
+    """The head_dim/4 frequencies f_i = theta^(-2i / (head_dim/2)) shared by the row and the column axis."""
+    return 1.0 / (theta ** (torch.arange(0, head_dim // 2, 2, dtype=torch.float32, device=device) / (head_dim // 2)))
 
-    head_dim/4 frequencies f_i = theta^(-2i / (head_dim/2)); angles [row·f, col·f] fill head_dim/2 slots and are
-    repeated for the two rotate-half halves."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim // 2, 2, dtype=torch.float32, device=coords.device)
-                                / (head_dim // 2)))
-    angles = coords.float()[..., None] * inv_freq  # (N, 2, head_dim/4)
+
+def vision_rope_cos_sin(coords: torch.Tensor, head_dim: int, theta: float = 10000.0):
+    """cos/sin tables (N, head_dim) for patches at `coords` (N, 2): angles [row·f, col·f] fill head_dim/2 slots
+    and are repeated for the two rotate-half halves."""
+    angles = coords.float()[..., None] * vision_inv_freq(head_dim, theta, coords.device)  # (N, 2, head_dim/4)
     angles = angles.flatten(-2)  # (N, head_dim/2): [row·f..., col·f...]
     angles = torch.cat([angles, angles], dim=-1)  # (N, head_dim)
     return angles.cos(), angles.sin()
@@ -68,6 +69,11 @@ def apply_rope_vision(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: 
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def mrope_inv_freq(rotary_dim: int, theta: float = 10000.0, device=None) -> torch.Tensor:
+    """The rotary_dim/2 frequencies theta^(-2i / rotary_dim) of the decoder's M-RoPE."""
+    return 1.0 / (theta ** (torch.arange(0, rotary_dim, 2, dtype=torch.float32, device=device) / rotary_dim))
+
+
 def mrope_cos_sin(position_ids: torch.Tensor, rotary_dim: int, mrope_section, theta: float = 10000.0,
                   dtype: torch.dtype = torch.float32):
     """cos/sin (*S, rotary_dim) for 3D positions (3, *S).
@@ -76,9 +82,7 @@ def mrope_cos_sin(position_ids: torch.Tensor, rotary_dim: int, mrope_section, th
     angle from position row j (temporal, height, width). Each angle then drives one interleaved pair, so it is
     repeated twice in place. Like the reference, the tables are cast to the activation dtype."""
     assert sum(mrope_section) == rotary_dim // 2, f"mrope_section {mrope_section} must sum to {rotary_dim // 2}"
-    inv_freq = 1.0 / (theta ** (torch.arange(0, rotary_dim, 2, dtype=torch.float32, device=position_ids.device)
-                                / rotary_dim))
-    angles = position_ids.float()[..., None] * inv_freq  # (3, *S, rotary_dim/2)
+    angles = position_ids.float()[..., None] * mrope_inv_freq(rotary_dim, theta, position_ids.device)  # (3,*S,R/2)
     # frequency group j takes its angle from position row j: (t, h, w)
     angles = torch.cat([chunk[j] for j, chunk in enumerate(angles.split(list(mrope_section), dim=-1))], dim=-1)
     angles = angles.repeat_interleave(2, dim=-1)  # (*S, rotary_dim), pairs share an angle

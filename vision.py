@@ -15,6 +15,7 @@ All images (and video frame pairs) of a batch travel as one packed sequence: no 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 import kernels
 import rope2d
@@ -87,10 +88,10 @@ class VisionAttention(nn.Module):
         self.qkv = nn.Linear(cfg.vision_hidden_size, 3 * cfg.vision_hidden_size, bias=cfg.vision_attention_bias)
         self.proj = nn.Linear(cfg.vision_hidden_size, cfg.vision_hidden_size, bias=False)
 
-    def forward(self, x, coords, cu_seqlens):
+    def forward(self, x, coords, cu_seqlens, max_seqlen):
         q, k, v = self.qkv(x).view(x.shape[0], 3, self.num_heads, self.head_dim).unbind(1)  # 3 × (N, H, D)
         q, k = kernels.rope_vision(q, k, coords, self.theta)  # 2D-RoPE (paper §2)
-        out = kernels.flash_attention(q, k, v, cu_seqlens, causal=False)  # within each image only
+        out = kernels.flash_attention(q, k, v, cu_seqlens, causal=False, max_seqlen=max_seqlen)  # per image
         return self.proj(out.flatten(1))
 
 
@@ -102,26 +103,28 @@ class VisionBlock(nn.Module):
         self.norm2 = RMSNorm(cfg.vision_hidden_size, cfg.vision_rms_norm_eps)
         self.mlp = SwiGLU(cfg.vision_hidden_size, cfg.out_hidden_size)
 
-    def forward(self, x, coords, cu_seqlens):
-        x = x + self.attn(self.norm1(x), coords, cu_seqlens)
+    activation_checkpointing = False  # set by the trainer: recompute this block in the backward pass
+
+    def forward(self, x, coords, cu_seqlens, max_seqlen):
+        if self.activation_checkpointing and torch.is_grad_enabled():
+            return checkpoint(self._forward, x, coords, cu_seqlens, max_seqlen, use_reentrant=False)
+        return self._forward(x, coords, cu_seqlens, max_seqlen)
+
+    def _forward(self, x, coords, cu_seqlens, max_seqlen):
+        x = x + self.attn(self.norm1(x), coords, cu_seqlens, max_seqlen)
         return x + self.mlp(self.norm2(x))
 
 
-class Merger(nn.Module):
+class Merger(SwiGLU):
     """The MLP projector into the LLM (paper §2): Linear → LayerNorm → GELU → SwiGLU."""
 
     def __init__(self, cfg):
-        super().__init__()
-        dim = cfg.out_hidden_size
-        self.proj = nn.Linear(dim, dim, bias=False)
-        self.post_projection_norm = nn.LayerNorm(dim)
-        self.gate_proj = nn.Linear(dim, cfg.vision_intermediate_size, bias=False)
-        self.up_proj = nn.Linear(dim, cfg.vision_intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.vision_intermediate_size, dim, bias=False)
+        super().__init__(cfg.out_hidden_size, cfg.vision_intermediate_size)
+        self.proj = nn.Linear(cfg.out_hidden_size, cfg.out_hidden_size, bias=False)
+        self.post_projection_norm = nn.LayerNorm(cfg.out_hidden_size)
 
     def forward(self, x):
-        x = F.gelu(self.post_projection_norm(self.proj(x)))
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return super().forward(F.gelu(self.post_projection_norm(self.proj(x))))
 
 
 class VisionModel(nn.Module):
@@ -156,6 +159,22 @@ class VisionModel(nn.Module):
         """pixel_values (N, 3·2·14·14), grid_thw (num_images, 3) → visual tokens (N / m², out_hidden_size)."""
         self.check_inputs(pixel_values, grid_thw)
         grid_thw = grid_thw.to(pixel_values.device)
+        if torch.is_grad_enabled() or len(grid_thw) == 1:
+            return self.encode(pixel_values, grid_thw)
+        # Inference: every op of the encoder is per image, so encode groups of whole images (≤ inference_patches
+        # each) one after another; peak memory then follows the group, not the whole many-image batch.
+        sizes = grid_thw.prod(-1).tolist()
+        outputs, first, patches = [], 0, 0
+        for i, size in enumerate(sizes + [None]):
+            if i > first and (size is None or patches + size > self.inference_patches):
+                outputs.append(self.encode(pixel_values[sum(sizes[:first]):sum(sizes[:i])], grid_thw[first:i]))
+                first, patches = i, 0
+            patches += size or 0
+        return torch.cat(outputs)
+
+    inference_patches = 4096
+
+    def encode(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
         m = self.cfg.spatial_merge_size
         coords = rope2d.vision_patch_coords(grid_thw, m)  # (N, 2)
         frames_hw = grid_thw[:, 1:].repeat_interleave(grid_thw[:, 0], dim=0)  # one (h, w) per frame pair
@@ -165,8 +184,9 @@ class VisionModel(nn.Module):
 
         x = self.post_conv_layernorm(self.patch_embed(pixel_values))
         x = x + self.embeddings(coords, grid_hw)
+        max_seqlen = int(frame_sizes.max())
         for block in self.blocks:
-            x = block(x, coords, cu_seqlens)
+            x = block(x, coords, cu_seqlens, max_seqlen)
         x = self.post_layernorm(x)
         # each run of m² rows is one m×m window: (N/m², m, m, C) -> channels-first for the conv, as one matmul
         windows = x.view(-1, m, m, x.shape[-1]).permute(0, 3, 1, 2).flatten(1)  # (N/m², C·m·m)

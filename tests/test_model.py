@@ -1,6 +1,6 @@
 """model.py / vision.py / rope2d.py against the `transformers` reference, checkpoint I/O, and input checks."""
+import functools
 import json
-import os
 
 import pytest
 import torch
@@ -320,3 +320,64 @@ def test_bad_vision_inputs_are_explained():
         m(ids)
     with pytest.raises(ValueError, match=r"pixel_values must be \(num_patches, 1176\)"):
         m(ids, pixel_values=torch.zeros(16, 100), image_grid_thw=grid)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Training-side outputs: label log-probs and activation checkpointing
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def reference_logprobs(logits, labels, mask=None):
+    """log_softmax of the previous position's logits at each label; 0 where labels == -100 or no previous token."""
+    out = torch.zeros(labels.shape)
+    logp = logits.log_softmax(-1)
+    for b in range(labels.shape[0]):
+        for t in range(1, labels.shape[1]):
+            if labels[b, t] != -100 and (mask is None or (mask[b, t - 1] and mask[b, t])):
+                out[b, t] = logp[b, t - 1, labels[b, t]]
+    return out
+
+
+def test_label_logprobs_match_logits_padded_and_packed(monkeypatch):
+    cfg, ours, _ = pair("tiny", seed=11)
+    monkeypatch.setattr(M, "token_logprobs", functools.partial(M.token_logprobs, chunk_size=3))  # many chunks
+    rows = [text("left padded row"), text("a longer row with more text in it")]
+    T = max(map(len, rows))
+    ids = torch.tensor([[cfg.pad_token_id] * (T - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (T - len(r)) + [1] * len(r) for r in rows])
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[1, :5] = -100
+    with torch.no_grad():
+        logits = ours(ids, mask)
+        lp = ours(ids, mask, labels=labels)
+    torch.testing.assert_close(lp, reference_logprobs(logits, labels, mask), atol=1e-5, rtol=1e-5)
+    # packed: the first token of the second sample must not be predicted from the first sample
+    packed = torch.tensor([text("first") + text("second")])
+    cu = torch.tensor([0, 5, 11], dtype=torch.int32)
+    pos = torch.cat([torch.arange(5), torch.arange(6)]).expand(3, 1, -1)
+    with torch.no_grad():
+        lp = ours(packed, position_ids=pos, cu_seqlens=cu, labels=packed)
+        first = ours(packed[:, :5], labels=packed[:, :5])
+        second = ours(packed[:, 5:], labels=packed[:, 5:])
+    torch.testing.assert_close(lp, torch.cat([first, second], 1), atol=1e-5, rtol=1e-5)
+    assert lp[0, 5] == 0 and lp[0, 0] == 0
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    cfg, ours, _ = pair("tiny", seed=12)
+    grid = torch.tensor([[1, 4, 4]])
+    ids = torch.tensor([text("grad ") + R.image_tokens(cfg, 1, 4, 4) + text(" check")])
+    pv = R.patches(cfg, grid)
+
+    def grads():
+        ours.zero_grad()
+        (-ours(ids, pixel_values=pv, image_grid_thw=grid, labels=ids).sum()).backward()
+        return {n: p.grad.clone() for n, p in ours.named_parameters()}
+
+    plain = grads()
+    for module in ours.modules():
+        if hasattr(module, "activation_checkpointing"):
+            module.activation_checkpointing = True
+    recomputed = grads()
+    for name in plain:
+        torch.testing.assert_close(recomputed[name], plain[name], atol=1e-6, rtol=1e-5, msg=name)

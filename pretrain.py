@@ -1,0 +1,569 @@
+"""The trainer of GLM-4.1V-Thinking: stage 1 multimodal pretraining and stage 2 long-context continual training
+(paper §3); `sft.py` and `rlcs.py` reuse its machinery.
+
+    python pretrain.py --tiny                                   # a tiny GLM-4.1V on a laptop GPU or a CPU, minutes
+    python pretrain.py --tiny --stage long --init-from runs/pretrain   # stage 2: longer sequences, video on
+    torchrun --nproc_per_node 8 pretrain.py --preset 9b --init-from DIR   # the 9B, FSDP2 over 8 GPUs
+    python pretrain.py --preset 9b --dry-run --world-size 64    # parameters, FLOPs/token and memory per GPU
+
+What the paper fixes (SPEC §3) and the presets use for the 9B: all parameters trained, sequence packing,
+sequence length 8,192 and global batch 1,536 for 120k steps without video in stage 1; 32,768 tokens for +10k steps
+with video and long interleaved data in stage 2. Choices that are ours (the paper does not give them): AdamW
+(β 0.9/0.95, weight decay 0.1 on matrices), linear warm-up then cosine decay to 10% of the peak learning rate,
+gradient clipping at 1.0, and the global batch counted in packed sequences.
+
+Distributed training is done the torchtitan way: `torchrun`, one process per device (nccl on GPU, gloo on CPU),
+FSDP2 `fully_shard` per ViT block and decoder layer then the root, a bf16/fp32 `MixedPrecisionPolicy` on GPU and
+no autocast under FSDP. The data order depends only on the global step, so 1 and N processes see the same global
+batches and produce the same losses. Training state is checkpointed with `torch.distributed.checkpoint` into a
+temporary directory that is renamed into place only when complete, so a crash mid-save never harms the previous
+checkpoint; a Hugging Face-format export (config.json, safetensors, tokenizer.json) sits at the top of --out.
+"""
+import argparse
+import dataclasses
+import datetime
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+import data
+import model as M
+
+# ---------------------------------------------------------------------------------------------------------------
+# Configuration
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _f(default, help):  # a dataclass field that carries its command-line help
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class TrainConfig:
+    preset: str = _f("tiny", "model preset from model.PRESETS (tiny | 9b); ignored with --init-from")
+    stage: str = _f("pretrain", "pretrain (stage 1) | long (stage 2: long context + video) | sft")
+    data: str = _f("", "JSONL file of {messages, images, videos} or {image, text} records; default: synthetic world")
+    out: str = _f("", "output directory (metrics.jsonl, checkpoints, HF export); default runs/<stage>")
+    init_from: str = _f("", "start from this Hugging Face-format checkpoint directory (e.g. the released 9B)")
+    resume: bool = _f(False, "continue from the latest checkpoint in --out")
+    max_steps: int = _f(0, "optimizer steps (default: per preset and stage)")
+    seq_len: int = _f(0, "tokens per packed sequence (default: per preset and stage)")
+    global_batch: int = _f(0, "packed sequences per optimizer step, across all processes (default: per preset)")
+    lr: float = _f(0.0, "peak learning rate (default: per preset and stage)")
+    min_lr_ratio: float = _f(0.1, "cosine decay ends at lr × this")
+    warmup_steps: int = _f(-1, "linear warm-up steps (default: 5% of max_steps)")
+    weight_decay: float = _f(0.1, "AdamW weight decay on matrices (norms, biases and the position table: none)")
+    beta1: float = _f(0.9, "AdamW beta1")
+    beta2: float = _f(0.95, "AdamW beta2")
+    grad_clip: float = _f(1.0, "clip the global gradient norm to this (0: off)")
+    seed: int = _f(0, "seed for weight init and the data order")
+    no_think_share: float = _f(0.1, "SFT: share of replies with an empty <think></think> (makes --no-think work)")
+    freeze_vision: bool = _f(False, "freeze the ViT (the projector stays trainable)")
+    freeze_llm: bool = _f(False, "freeze the language model and lm_head")
+    activation_checkpointing: bool = _f(False, "recompute each layer in the backward pass (saves memory)")
+    compile: bool = _f(False, "torch.compile each ViT block and decoder layer")
+    save_every: int = _f(0, "checkpoint every N steps (0: only at the end)")
+    keep_checkpoints: int = _f(2, "how many training checkpoints to keep")
+    num_workers: int = _f(0, "DataLoader workers rendering batches in the background")
+    max_bad_steps: int = _f(5, "stop after this many consecutive steps with a non-finite loss or gradient")
+    dry_run: bool = _f(False, "build on the meta device, print parameters, FLOPs/token and memory per GPU, exit")
+    world_size: int = _f(0, "--dry-run: plan for this many GPUs (default: the current world size)")
+
+
+# Per preset and stage: the paper's numbers for the 9B, a laptop-sized version of them for tiny.
+DEFAULTS = {
+    ("9b", "pretrain"): dict(seq_len=8192, global_batch=1536, max_steps=120_000, lr=2e-4, activation_checkpointing=True),
+    ("9b", "long"): dict(seq_len=32768, global_batch=384, max_steps=10_000, lr=5e-5, activation_checkpointing=True),
+    ("9b", "sft"): dict(seq_len=32768, global_batch=32, max_steps=3000, lr=1e-5, activation_checkpointing=True),
+    ("tiny", "pretrain"): dict(seq_len=512, global_batch=8, max_steps=300, lr=2e-3),
+    ("tiny", "long"): dict(seq_len=1024, global_batch=4, max_steps=50, lr=5e-4),
+    ("tiny", "sft"): dict(seq_len=512, global_batch=8, max_steps=300, lr=1e-3),
+}
+
+
+def resolve(tc: TrainConfig) -> TrainConfig:
+    """Fill the zeros with the preset/stage defaults."""
+    if tc.stage not in ("pretrain", "long", "sft"):
+        raise ValueError(f"--stage must be pretrain, long or sft, not {tc.stage!r}")
+    if tc.preset not in M.PRESETS:
+        raise ValueError(f"--preset must be one of {', '.join(M.PRESETS)}, not {tc.preset!r}")
+    defaults = DEFAULTS.get((tc.preset, tc.stage), DEFAULTS[("tiny", tc.stage)])
+    for key, value in defaults.items():
+        if key == "activation_checkpointing":
+            tc.activation_checkpointing = tc.activation_checkpointing or value
+        elif not getattr(tc, key):
+            setattr(tc, key, value)
+    if tc.warmup_steps < 0:
+        tc.warmup_steps = max(1, tc.max_steps // 20)
+    tc.out = tc.out or os.path.join("runs", tc.stage)
+    return tc
+
+
+def build_parser(description: str, defaults: dict = None) -> argparse.ArgumentParser:
+    """One --kebab-case flag per TrainConfig field, typed from its default, with its help string."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tiny", action="store_true", help="shorthand for --preset tiny")
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        default = (defaults or {}).get(f.name, f.default)
+        if isinstance(f.default, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=f.metadata["help"])
+        else:
+            parser.add_argument(flag, type=type(f.default), default=default, help=f.metadata["help"])
+    parser.add_argument("--config", dest="preset", help="alias of --preset")
+    return parser
+
+
+def config_from_args(args) -> TrainConfig:
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
+    if args.tiny:
+        values["preset"] = "tiny"
+    return resolve(TrainConfig(**values))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Distributed setup, model, optimizer
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def setup_distributed():
+    """(rank, world, device). Under torchrun: one process per device, nccl on GPU, gloo on CPU."""
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(local)
+        dist.init_process_group("nccl", timeout=datetime.timedelta(minutes=30))
+        return dist.get_rank(), dist.get_world_size(), torch.device("cuda", local)
+    dist.init_process_group("gloo", timeout=datetime.timedelta(minutes=30))
+    return dist.get_rank(), dist.get_world_size(), torch.device("cpu")
+
+
+def log(*args, rank=None):
+    if (rank if rank is not None else (dist.get_rank() if dist.is_initialized() else 0)) == 0:
+        print(*args, flush=True)
+
+
+def initial_state(tc: TrainConfig, rank: int):
+    """(model Config, full state dict on rank 0 — {} on other ranks — and the tokenizer)."""
+    if tc.init_from:
+        cfg = M.Config.from_hf(tc.init_from)
+        tokenizer_path = os.path.join(tc.init_from, "tokenizer.json")
+        if not os.path.exists(tokenizer_path):
+            raise FileNotFoundError(f"{tokenizer_path} is missing: a checkpoint directory must carry its tokenizer")
+        tokenizer = data.load_tokenizer(tokenizer_path)
+        state = M.GLM4V.from_pretrained(tc.init_from, dtype=torch.float32).state_dict() if rank == 0 else {}
+        return cfg, state, tokenizer
+    cfg = M.PRESETS[tc.preset]
+    if tc.preset != "tiny":
+        raise ValueError(f"training the {tc.preset} preset from scratch needs its tokenizer: pass --init-from DIR "
+                         "(a checkpoint directory with tokenizer.json, e.g. the released GLM-4.1V-9B-Thinking)")
+    tokenizer = data.tiny_tokenizer()
+    if rank != 0:
+        return cfg, {}, tokenizer
+    torch.manual_seed(tc.seed)
+    return cfg, M.GLM4V(cfg).init_weights().state_dict(), tokenizer
+
+
+def build_model(tc: TrainConfig, cfg: M.Config, state: dict, device, world: int):
+    """The model on `device`, frozen parts marked, FSDP2-sharded when world > 1, holding `state`."""
+    with torch.device("meta"):
+        model = M.GLM4V(cfg)
+    if tc.freeze_vision:  # the ViT; the projector (downsample + merger) keeps learning
+        for name, p in model.model.visual.named_parameters():
+            p.requires_grad = name.startswith(("downsample", "merger"))
+    if tc.freeze_llm:
+        for p in [*model.model.language_model.parameters(), *model.lm_head.parameters()]:
+            p.requires_grad = False
+    blocks = [*model.model.visual.blocks, *model.model.language_model.layers]
+    for block in blocks:
+        block.activation_checkpointing = tc.activation_checkpointing
+        if tc.compile:
+            block.compile()
+    if world > 1:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        # bf16 compute with fp32 master weights and fp32 gradient reduction on GPU; plain fp32 on CPU
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if device.type == "cuda" \
+            else MixedPrecisionPolicy()
+        for block in blocks:
+            fully_shard(block, mp_policy=mp)
+        fully_shard(model, mp_policy=mp)
+        model.to_empty(device=device)
+        set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    else:
+        model.to_empty(device=device)
+        model.load_state_dict(state)
+    return model
+
+
+def build_optimizer(model, tc: TrainConfig, device):
+    decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() >= 2 and "position_embedding" not in n]
+    no_decay = [p for n, p in model.named_parameters() if p.requires_grad and not (p.dim() >= 2 and "position_embedding" not in n)]
+    groups = [{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=tc.lr, betas=(tc.beta1, tc.beta2), fused=device.type == "cuda")
+
+
+def lr_at(step: int, tc: TrainConfig) -> float:
+    """Linear warm-up, then cosine decay to lr × min_lr_ratio at max_steps."""
+    if step < tc.warmup_steps:
+        return tc.lr * (step + 1) / tc.warmup_steps
+    progress = min(1.0, (step - tc.warmup_steps) / max(1, tc.max_steps - tc.warmup_steps))
+    return tc.lr * (tc.min_lr_ratio + (1 - tc.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# FLOPs and memory (for MFU and --dry-run)
+# ---------------------------------------------------------------------------------------------------------------
+
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "H20": 148e12, "A100": 312e12, "A800": 312e12, "L40S": 362e12,
+                   "4090": 165e12}
+
+
+def peak_flops(device) -> float:
+    """Dense bf16 peak of this device (0 on CPU or an unknown GPU: no MFU then)."""
+    if device.type != "cuda":
+        return 0.0
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), 0.0)
+
+
+def flops_per_token(cfg: M.Config, seq_len: int) -> float:
+    """Training FLOPs per text token: 6 × (decoder matmul parameters + lm_head) plus causal attention
+    (6 · layers · seq_len · heads · head_dim, i.e. 12·L·T·H·D halved for causality). Vision adds per patch
+    6 × ViT parameters + 12 · depth · patches_per_image · hidden, reported separately."""
+    h, L = cfg.hidden_size, cfg.num_hidden_layers
+    per_layer = h * cfg.head_dim * (cfg.num_attention_heads * 2 + cfg.num_key_value_heads * 2) \
+        + 3 * h * cfg.intermediate_size
+    return 6 * (L * per_layer + h * cfg.vocab_size) + 6 * L * seq_len * cfg.num_attention_heads * cfg.head_dim
+
+
+def memory_plan(cfg: M.Config, tc: TrainConfig, world: int) -> dict:
+    """Estimated GiB per GPU under FSDP2 full sharding with bf16 compute and fp32 master weights + AdamW."""
+    with torch.device("meta"):
+        m = M.GLM4V(cfg)
+    params = sum(p.numel() for p in m.parameters())
+    layer = max(sum(p.numel() for p in b.parameters()) for b in m.model.language_model.layers)
+    T, h, inter = tc.seq_len, cfg.hidden_size, cfg.intermediate_size
+    gib = 2 ** 30
+    if tc.activation_checkpointing:  # each layer keeps its bf16 input; one layer is live in the backward pass
+        acts = cfg.num_hidden_layers * T * h * 2 + T * (10 * h + 5 * inter) * 2
+    else:  # ~10 hidden-wide and ~5 intermediate-wide bf16 tensors saved per token and layer
+        acts = cfg.num_hidden_layers * T * (10 * h + 5 * inter) * 2
+    plan = {"parameters (fp32, sharded)": 4 * params / world / gib,
+            "gradients (fp32, sharded)": 4 * params / world / gib,
+            "AdamW moments (fp32, sharded)": 8 * params / world / gib,
+            "gathered bf16 layers (current + prefetch)": 2 * 2 * layer / gib,
+            f"activations ({T} tokens per micro-batch)": acts / gib,
+            "logits chunk (4096 × vocab, fp32, fwd + bwd)": 2 * 4096 * cfg.vocab_size * 4 / gib}
+    plan["total"] = sum(plan.values())
+    return plan
+
+
+def dry_run(tc: TrainConfig, world: int):
+    cfg = M.Config.from_hf(tc.init_from) if tc.init_from else M.PRESETS[tc.preset]
+    with torch.device("meta"):
+        m = M.GLM4V(cfg)
+    total = sum(p.numel() for p in m.parameters())
+    vision = sum(p.numel() for p in m.model.visual.parameters())
+    print(f"model: {tc.preset if not tc.init_from else tc.init_from}  parameters {total:,} "
+          f"(vision {vision:,}, language {total - vision:,})")
+    print(f"training FLOPs per text token at seq_len {tc.seq_len}: {flops_per_token(cfg, tc.seq_len) / 1e9:.1f} GFLOP")
+    tokens = tc.global_batch * tc.seq_len
+    print(f"global batch {tc.global_batch} × {tc.seq_len} = {tokens:,} tokens/step; {tc.max_steps:,} steps = "
+          f"{tokens * tc.max_steps / 1e9:.1f}B tokens")
+    print(f"memory per GPU, world size {world}, FSDP2 full sharding, activation checkpointing "
+          f"{'on' if tc.activation_checkpointing else 'off'}:")
+    for key, gib in memory_plan(cfg, tc, world).items():
+        print(f"  {key:48s} {gib:8.1f} GiB")
+    print(f"each process runs {tc.global_batch // max(1, world)} packed sequences per step (gradient accumulation)")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Checkpoints: sharded training state (DCP, atomic) and the Hugging Face export
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def latest_checkpoint(out: str):
+    pointer = os.path.join(out, "checkpoints", "latest")
+    if not os.path.exists(pointer):
+        return None
+    with open(pointer) as f:
+        path = os.path.join(out, "checkpoints", f.read().strip())
+    return path if os.path.isdir(path) else None
+
+
+def write_atomic(path: str, text: str):
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_training_state(model, optimizer, trainer_state: dict, out: str, step: int, rank: int, keep: int):
+    """Model + optimizer shards via torch.distributed.checkpoint, plus the trainer's own state (step, data
+    position, RNG) as JSON, written to a temporary directory that becomes `step_N` — and the `latest` pointer —
+    only once every rank has finished. A crash at any moment leaves the previous checkpoint usable."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    root = os.path.join(out, "checkpoints")
+    final = os.path.join(root, f"step_{step:08d}")
+    tmp = final + ".tmp"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    barrier()
+    model_state, optim_state = get_state_dict(model, optimizer)
+    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=tmp)
+    with open(os.path.join(tmp, f"trainer_rank{rank}.json"), "w") as f:
+        json.dump({**trainer_state, "rng": rng_state()}, f)
+    barrier()
+    if rank == 0:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        write_atomic(os.path.join(root, "latest"), os.path.basename(final))
+        for old in sorted(d for d in os.listdir(root) if d.startswith("step_") and not d.endswith(".tmp"))[:-keep]:
+            shutil.rmtree(os.path.join(root, old), ignore_errors=True)
+    barrier()
+
+
+def load_training_state(model, optimizer, path: str, rank: int) -> dict:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_state, optim_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optim": optim_state}
+    dcp.load(state, checkpoint_id=path)
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    own = os.path.join(path, f"trainer_rank{rank}.json")
+    with open(own if os.path.exists(own) else os.path.join(path, "trainer_rank0.json")) as f:
+        trainer_state = json.load(f)
+    if os.path.exists(own):  # same world size: each rank gets its RNG back
+        set_rng_state(trainer_state["rng"])
+    return trainer_state
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state().tolist()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state().tolist()
+    return state
+
+
+def set_rng_state(state: dict):
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(torch.tensor(state["cuda"], dtype=torch.uint8))
+
+
+def export_hf(model, cfg: M.Config, tokenizer, out: str, rank: int):
+    """config.json + model.safetensors + tokenizer.json at the top of `out`, written next to the old files and
+    moved over them one by one, so a reader never sees a half-written file."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if rank == 0:
+        tmp = os.path.join(out, ".export.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        M.write_hf_checkpoint(tmp, cfg, state)
+        tokenizer.save(tmp)
+        for stale in os.listdir(out):  # shards of an earlier export that this one does not have
+            if stale.startswith("model") and stale.endswith((".safetensors", ".json")) and \
+                    not os.path.exists(os.path.join(tmp, stale)):
+                os.remove(os.path.join(out, stale))
+        for name in sorted(os.listdir(tmp), key=lambda n: n == "config.json"):  # config last
+            os.replace(os.path.join(tmp, name), os.path.join(out, name))
+        shutil.rmtree(tmp, ignore_errors=True)
+    barrier()
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def data_source(tc: TrainConfig):
+    """The stage's data: JSONL when given, else the synthetic world — captions for pretraining (no video in stage
+    1, paper §3.2), reasoning conversations for SFT."""
+    if tc.data:
+        return data.JsonlSource(tc.data)
+    if tc.stage == "sft":
+        return data.SyntheticSource(kind="sft", split="train", seed=tc.seed, no_think_share=tc.no_think_share)
+    tasks = data.TASKS if tc.stage == "long" else tuple(t for t in data.TASKS if t != "video_grounding")
+    return data.SyntheticSource(kind="caption", split="train", seed=tc.seed, tasks=tasks)
+
+
+MODEL_INPUTS = ("input_ids", "position_ids", "cu_seqlens", "pixel_values", "image_grid_thw", "pixel_values_videos",
+                "video_grid_thw", "labels")
+
+
+def to_device(batch: dict, device) -> dict:
+    return {k: (batch[k].to(device, non_blocking=True) if batch.get(k) is not None else None) for k in MODEL_INPUTS}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The training loop
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class Metrics:
+    """metrics.jsonl, one JSON object per step; on resume, lines after the resumed step are dropped."""
+
+    def __init__(self, out: str, rank: int, resume_step: int):
+        self.path, self.rank = os.path.join(out, "metrics.jsonl"), rank
+        if rank == 0:
+            kept = []
+            if resume_step and os.path.exists(self.path):
+                with open(self.path) as f:
+                    kept = [line for line in f if line.strip() and json.loads(line)["step"] <= resume_step]
+            write_atomic(self.path, "".join(kept))
+
+    def write(self, row: dict):
+        if self.rank == 0:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+
+def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized():
+        dist.all_reduce(value)
+    return value
+
+
+def train_step(model, optimizer, batches, device, world: int, autocast, grad_clip: float):
+    """Forward + backward over this rank's packed sequences (gradient accumulation), then clip and step.
+    The loss is the mean over every label token of the *global* batch, so any split across processes and
+    micro-batches gives the same update. Returns (loss, grad_norm, tokens) — or loss/grad NaN when skipped."""
+    local_targets = sum(int((b["labels"] != -100).sum()) for b in batches)
+    n_targets = int(all_reduce_sum(torch.tensor(float(local_targets), device=device)).item())
+    loss_sum = torch.zeros((), device=device)
+    for i, batch in enumerate(batches):
+        if hasattr(model, "set_requires_gradient_sync"):  # FSDP2: reduce-scatter once, after the last micro-batch
+            model.set_requires_gradient_sync(i == len(batches) - 1)
+        with autocast:
+            logprobs = model(**to_device(batch, device))
+        nll = -logprobs.float().sum()
+        # FSDP averages gradients over ranks; × world turns that into the sum over the global batch
+        (nll * world / max(n_targets, 1)).backward()
+        loss_sum += nll.detach()
+    loss = all_reduce_sum(loss_sum) / max(n_targets, 1)
+    params = [p for p in model.parameters() if p.grad is not None]
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip or float("inf"))
+    if hasattr(grad_norm, "full_tensor"):
+        grad_norm = grad_norm.full_tensor()
+    ok = bool(torch.isfinite(loss)) and bool(torch.isfinite(grad_norm))
+    if ok:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    tokens = sum(int(b["cu_seqlens"][-1]) for b in batches)
+    return float(loss), float(grad_norm), tokens, ok
+
+
+def train(tc: TrainConfig):
+    rank, world, device = setup_distributed()
+    if tc.dry_run:
+        if rank == 0:
+            dry_run(tc, tc.world_size or world)
+        return None
+    if tc.global_batch % world:
+        raise ValueError(f"--global-batch {tc.global_batch} must be a multiple of the number of processes ({world})")
+    os.makedirs(tc.out, exist_ok=True)
+    resume_from = latest_checkpoint(tc.out) if tc.resume else None
+    if not tc.resume and latest_checkpoint(tc.out):
+        raise FileExistsError(f"{tc.out} already holds a training checkpoint: pass --resume to continue it, or "
+                              "choose another --out")
+    cfg, state, tokenizer = initial_state(tc, rank)
+    model = build_model(tc, cfg, state, device, world)
+    del state
+    optimizer = build_optimizer(model, tc, device)
+    loader = data.PackedLoader(data_source(tc), tokenizer, tc.seq_len, tc.global_batch, rank=rank, world=world,
+                               seed=tc.seed, num_workers=tc.num_workers)
+    step = 0
+    if resume_from:
+        trainer_state = load_training_state(model, optimizer, resume_from, rank)
+        step = trainer_state["step"]
+        loader.load_state_dict(trainer_state["data"])
+        log(f"resumed from {resume_from} at step {step}")
+    if rank == 0:
+        with open(os.path.join(tc.out, "train_config.json"), "w") as f:
+            json.dump({"train": dataclasses.asdict(tc), "model": cfg.to_hf(), "world_size": world}, f, indent=2)
+        log(json.dumps(dataclasses.asdict(tc)))
+        n_params = sum(p.numel() for p in model.parameters())
+        log(f"{n_params:,} parameters on {world} × {device.type}; {tc.global_batch} × {tc.seq_len} tokens per step")
+    metrics = Metrics(tc.out, rank, step)
+    # bf16 autocast on a single GPU; under FSDP the MixedPrecisionPolicy casts, and the CPU trains in fp32
+    use_autocast = device.type == "cuda" and world == 1
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_autocast) if device.type == "cuda" \
+        else torch.autocast("cpu", enabled=False)
+    flops = flops_per_token(cfg, tc.seq_len)
+    peak = peak_flops(device) * world
+    total_tokens, bad_in_a_row, skipped = 0, 0, 0
+    model.train()
+    bar = tqdm(total=tc.max_steps, initial=step, disable=rank != 0, desc=tc.stage, dynamic_ncols=True)
+    batches_iter = iter(loader)
+    while step < tc.max_steps:
+        start = time.perf_counter()
+        batches = next(batches_iter)
+        lr = lr_at(step, tc)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss, grad_norm, local_tokens, ok = train_step(model, optimizer, batches, device, world, autocast,
+                                                          tc.grad_clip)
+        tokens = int(all_reduce_sum(torch.tensor(float(local_tokens), device=device)).item())
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+        step += 1
+        total_tokens += tokens
+        if not ok:
+            bad_in_a_row, skipped = bad_in_a_row + 1, skipped + 1
+            log(f"step {step}: non-finite loss ({loss}) or gradient norm ({grad_norm}); update skipped")
+            if bad_in_a_row >= tc.max_bad_steps:
+                raise RuntimeError(f"{bad_in_a_row} steps in a row had a non-finite loss or gradient (last loss "
+                                   f"{loss}); stopping. Lower --lr, check the data, or resume from the last checkpoint.")
+        else:
+            bad_in_a_row = 0
+        row = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": total_tokens,
+               "tok_per_s": tokens / seconds, "mfu": flops * tokens / seconds / peak if peak else None,
+               "skipped_steps": skipped, "seconds": seconds}
+        metrics.write(row)
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{row['tok_per_s']:.0f}",
+                        **({"mfu": f"{row['mfu']:.1%}"} if peak else {}))
+        if step == tc.max_steps or (tc.save_every and step % tc.save_every == 0):
+            # the data position of the next step: the loader may have run ahead in worker processes
+            loader.step = step
+            save_training_state(model, optimizer, {"step": step, "data": loader.state_dict()}, tc.out, step, rank,
+                                tc.keep_checkpoints)
+            export_hf(model, cfg, tokenizer, tc.out, rank)
+    bar.close()
+    log(f"done: step {step}, loss {loss:.4f}; Hugging Face checkpoint in {tc.out}")
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return model
+
+
+def main(argv=None, stage_defaults: dict = None, description: str = __doc__):
+    args = build_parser(description, stage_defaults).parse_args(argv)
+    train(config_from_args(args))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,959 @@
+"""data.py: processor parity with `transformers`, video layout, tokenizer, chat format and loss masks, datasets,
+packing (boundaries, positions, no cross-sample attention, determinism across processes, resume), the quality
+pipeline, and the synthetic world (answers follow their verifier rule, images show the answer, splits disjoint)."""
+import io
+import json
+import os
+import re
+import subprocess
+import sys
+from fractions import Fraction
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import data as D
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return D.tiny_tokenizer()
+
+
+def rand_image(w, h, mode="RGB", seed=0):
+    rng = np.random.default_rng(seed)
+    if mode in ("I;16", "I"):
+        image = Image.fromarray(rng.integers(0, 65535, (h, w), dtype=np.uint16))
+        return image if mode == "I;16" else image.convert("I")
+    if mode == "F":
+        return Image.fromarray(rng.random((h, w), dtype=np.float32) * 300)
+    rgba = Image.fromarray(rng.integers(0, 256, (h, w, 4), dtype=np.uint8), "RGBA")
+    if mode == "P":
+        return rgba.convert("RGB").convert("P", palette=Image.Palette.ADAPTIVE)
+    if mode == "P+transparency":
+        image = rgba.convert("RGB").convert("P", palette=Image.Palette.ADAPTIVE)
+        image.info["transparency"] = 3
+        return image
+    return rgba.convert(mode)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Image processor: bit-for-bit parity with the reference (PIL backend)
+# ---------------------------------------------------------------------------------------------------------------
+
+SIZES = [(1, 1), (5, 300), (27, 27), (28, 28), (56, 56), (100, 37), (112, 112), (113, 251), (640, 480),
+         (3000, 20), (1001, 999)]
+MODES = ["RGB", "RGBA", "L", "LA", "P", "P+transparency", "1", "CMYK", "I;16", "I", "F", "YCbCr", "LAB", "HSV"]
+
+
+@pytest.fixture(scope="module")
+def ref_image_processor():
+    pytest.importorskip("transformers")
+    from transformers.models.glm4v.image_processing_pil_glm4v import Glm4vImageProcessorPil
+    return Glm4vImageProcessorPil()
+
+
+def test_process_image_matches_reference_on_sizes_and_modes(ref_image_processor):
+    cases = [(m, s) for m in ("RGB", "RGBA", "L", "P") for s in SIZES] + \
+            [(m, s) for m in MODES[4:] for s in ((1, 1), (113, 251), (640, 480))]
+    for mode, (w, h) in cases:
+        image = rand_image(w, h, mode, seed=w * 7 + h)
+        ref = ref_image_processor(images=[image], return_tensors="pt")
+        pixels, grid = D.process_image(image)
+        assert torch.equal(grid, ref["image_grid_thw"]), (mode, w, h)
+        assert pixels.dtype == torch.float32 and torch.equal(pixels, ref["pixel_values"]), (mode, w, h)
+
+
+def test_process_image_pixel_bounds_match_reference(ref_image_processor):
+    image = rand_image(300, 200)
+    for lo, hi in ((56 * 56, 28 * 28 * 40), (112 * 112 * 4, 28 * 28 * 15000), (28 * 28, 28 * 28 * 2)):
+        ref = ref_image_processor(images=[image], size={"shortest_edge": lo, "longest_edge": hi}, return_tensors="pt")
+        pixels, grid = D.process_image(image, min_pixels=lo, max_pixels=hi)
+        assert torch.equal(grid, ref["image_grid_thw"]) and torch.equal(pixels, ref["pixel_values"])
+
+
+def test_process_image_token_counts_and_errors(tmp_path):
+    assert D.process_image(rand_image(112, 112))[1].tolist() == [[1, 8, 8]]  # 64 patches = 16 tokens
+    assert D.process_image(rand_image(224, 224))[1].prod() // 4 == 64
+    with pytest.raises(ValueError, match="aspect ratio"):
+        D.process_image(rand_image(4020, 20))
+    D.process_image(rand_image(2000, 20))  # 100:1 is fine
+    with pytest.raises(FileNotFoundError, match="nope.png"):
+        D.process_image(tmp_path / "nope.png")
+    (tmp_path / "bad.png").write_bytes(b"not an image at all")
+    with pytest.raises(ValueError, match="bad.png"):
+        D.process_image(tmp_path / "bad.png")
+    buf = io.BytesIO()
+    rand_image(200, 200).save(buf, "PNG")
+    (tmp_path / "cut.png").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    with pytest.raises(ValueError, match="cut.png"):
+        D.process_image(tmp_path / "cut.png")
+    with pytest.raises(TypeError):
+        D.process_image(np.zeros((10, 10, 3)))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Video: sampling, resize targets, patch order, timestamps and the prompt layout against the reference
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ref_video_processor():
+    pytest.importorskip("transformers")
+    from transformers.models.glm4v.video_processing_glm4v import Glm4vVideoProcessor
+    return Glm4vVideoProcessor()
+
+
+def test_frame_sampling_matches_reference(ref_video_processor):
+    from transformers.video_utils import VideoMetadata
+    cases = [(7, 2.0, 2.0), (30, 30.0, 2.0), (100, 24.0, 1.0), (9, 2.0, 2.0), (1, 2.0, 2.0), (700, 1.0, 2.0),
+             (20000, 30.0, 2.0), (61, 29.97, 2.0), (45, 10.0, 3.0)]
+    for total, src, fps in cases:
+        for duration in (None, total / src):
+            ref = ref_video_processor.sample_frames(VideoMetadata(total_num_frames=total, fps=src, duration=duration),
+                                                    fps=fps).tolist()
+            assert D.sample_frame_indices(total, src, fps, duration) == ref, (total, src, fps, duration)
+    assert len(D.sample_frame_indices(1000, 30.0, 2.0, max_frames=10)) == 10  # our frame cap
+
+
+def test_video_resize_and_patch_order_match_reference(ref_video_processor):
+    from transformers.models.glm4v.video_processing_glm4v import smart_resize
+    for n, h, w in ((4, 84, 84), (16, 720, 1280), (2, 30, 30), (600, 1080, 1920), (8, 50, 700)):
+        assert D.smart_resize(n, h, w, D.VIDEO_MIN_PIXELS, D.VIDEO_MAX_PIXELS) == smart_resize(
+            n, h, w, 2, 28, D.VIDEO_MIN_PIXELS, D.VIDEO_MAX_PIXELS)
+    frames = np.random.default_rng(0).standard_normal((6, 56, 84, 3)).astype(np.float32)
+    ref, gt, gh, gw = ref_video_processor.patchify(torch.from_numpy(frames).permute(0, 3, 1, 2)[None], 14, 2, 2)
+    assert (gt, gh, gw) == (3, 4, 6)
+    assert np.array_equal(D._patchify(frames), ref[0].numpy())
+
+
+def hf_processor(tok):
+    """The reference Glm4vProcessor around our tiny tokenizer (its class check needs torchvision; skipped)."""
+    transformers = pytest.importorskip("transformers")
+    from transformers.models.glm4v.image_processing_pil_glm4v import Glm4vImageProcessorPil
+    from transformers.models.glm4v.processing_glm4v import Glm4vProcessor
+    from transformers.models.glm4v.video_processing_glm4v import Glm4vVideoProcessor
+    hf_tok = transformers.PreTrainedTokenizerFast(tokenizer_object=tok.backend)
+    original = Glm4vProcessor.check_argument_for_proper_class
+    Glm4vProcessor.check_argument_for_proper_class = lambda *a, **k: None
+    try:
+        return Glm4vProcessor(image_processor=Glm4vImageProcessorPil(), tokenizer=hf_tok,
+                              video_processor=Glm4vVideoProcessor())
+    finally:
+        Glm4vProcessor.check_argument_for_proper_class = original
+
+
+def frames_of(n, w=84, h=56, seed=0):
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for _ in range(n)]
+
+
+def test_video_layout_and_timestamps_match_reference(tok):
+    from transformers.video_utils import VideoMetadata
+    proc = hf_processor(tok)
+    for n, src, fps in ((8, 2.0, 2.0), (7, 2.0, 2.0), (30, 10.0, 2.0), (13, 3.0, 1.0)):
+        video = D.process_video(frames_of(n), fps=fps, source_fps=src)
+        indices = D.sample_frame_indices(n, src, fps, n / src)
+        assert video.frame_times == [i / src for i in indices]
+        assert video.timestamps == video.frame_times[::2]
+        assert video.video_grid_thw.tolist() == [[len(indices) // 2, 4, 6]]
+        assert video.pixel_values_videos.shape == (len(indices) // 2 * 24, 1176)
+        md = VideoMetadata(total_num_frames=n, fps=src, frames_indices=indices)
+        ref = proc.replace_video_token({"video_grid_thw": video.video_grid_thw, "video_metadata": [md]}, 0)
+        ours = D._video_text(video.video_grid_thw[0], video.timestamps)
+        assert ours == "<|begin_of_video|>" + ref + "<|end_of_video|>", (n, src, fps)
+        assert ours.count("<|begin_of_image|>") == video.video_grid_thw[0, 0]
+        assert ours.count("<|image|>") == video.video_grid_thw.prod() // 4
+
+
+def test_odd_frame_count_repeats_the_last_frame():
+    frames = frames_of(3)
+    video = D.process_video(frames)
+    assert video.video_grid_thw.tolist() == [[2, 4, 6]] and video.frame_times == [0.0, 0.5, 1.0, 1.0]
+    last_pair = video.pixel_values_videos[-24:].view(24, 3, 2, 14 * 14)  # (patch, channel, frame, pixels)
+    assert torch.equal(last_pair[:, :, 0], last_pair[:, :, 1])
+    first_pair = video.pixel_values_videos[:24].view(24, 3, 2, 14 * 14)
+    assert not torch.equal(first_pair[:, :, 0], first_pair[:, :, 1])
+
+
+def test_video_from_folder_gif_and_errors(tmp_path):
+    frames = frames_of(6, seed=1)
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for i, f in enumerate(frames):  # natural order: 2 before 10
+        f.save(folder / f"f{[0, 1, 2, 3, 10, 11][i]}.png")
+    from_list = D.process_video(frames)
+    assert torch.equal(D.process_video(folder).pixel_values_videos, from_list.pixel_values_videos)
+    gif_frames = [Image.new("RGB", (84, 56), c) for c in ((255, 0, 0), (0, 255, 0), (0, 0, 255), (0, 0, 0))]
+    gif_frames[0].save(tmp_path / "v.gif", save_all=True, append_images=gif_frames[1:], duration=250, loop=0)
+    gif = D.process_video(tmp_path / "v.gif", fps=2.0)  # 4 fps source sampled at 2 fps: frames 0 and 2
+    assert gif.frame_times == [0.0, 0.5] and gif.timestamps == [0.0]
+    slow = [Image.new("RGB", (56, 56), c) for c in ((255, 0, 0), (0, 255, 0))]  # 1.5 s red, then 0.5 s green
+    slow[0].save(tmp_path / "s.gif", save_all=True, append_images=slow[1:], duration=[1500, 500], loop=0)
+    video = D.process_video(tmp_path / "s.gif", fps=2.0)
+    assert video.frame_times == [0.0, 0.5, 1.0, 1.5]
+    red = video.pixel_values_videos.view(-1, 3, 2, 196)[:, 0]  # red channel, both frames of each pair
+    assert (red[:16] > 1).all() and (red[16:, 0] > 1).all() and (red[16:, 1] < 0).all()
+    with pytest.raises(FileNotFoundError, match="missing.mp4"):
+        D.process_video(tmp_path / "missing.mp4")
+    (tmp_path / "clip.mp4").write_bytes(b"\x00" * 64)
+    try:
+        import av  # noqa: F401
+        with pytest.raises(ValueError, match="clip.mp4"):
+            D.process_video(tmp_path / "clip.mp4")
+    except ImportError:
+        with pytest.raises(ImportError, match="PyAV"):
+            D.process_video(tmp_path / "clip.mp4")
+    with pytest.raises(ValueError, match="differ in size"):
+        D.process_video([Image.new("RGB", (56, 56)), Image.new("RGB", (84, 56))])
+
+
+def test_mp4_with_pyav(tmp_path):
+    av = pytest.importorskip("av")
+    path = str(tmp_path / "clip.mp4")
+    with av.open(path, "w") as container:
+        stream = container.add_stream("mpeg4", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 112, 84, "yuv420p"
+        for i in range(35):
+            frame = np.zeros((84, 112, 3), np.uint8)
+            frame[:, :, 0] = i * 7
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    video = D.process_video(path, fps=2.0)  # 3.5 s at 10 fps: frames 0, 5, … 30, the last repeated
+    assert video.frame_times == [0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 3.0] and video.timestamps == [0, 1, 2, 3]
+    assert video.video_grid_thw.tolist() == [[4, 6, 8]]
+    frames, fps, _ = D.load_frames(path)
+    assert fps == 10 and len(frames) == 35 and sum(f is not None for f in frames) == 7  # only kept frames decoded
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tokenizer
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_tiny_tokenizer_ids_follow_the_contract(tok, tmp_path):
+    assert tok.vocab_size == 320
+    for i, s in enumerate(D.TINY_SPECIAL_TOKENS):
+        assert tok.token_to_id(s) == 256 + i
+    assert (tok.image_token_id, tok.video_token_id, tok.image_start_id, tok.image_end_id, tok.video_start_id,
+            tok.video_end_id, tok.eos_token_ids, tok.pad_token_id) == (270, 271, 266, 267, 268, 269, (256, 263, 265),
+                                                                       256)
+    text = "héllo ✓ 42\n\t<think>x</think>"
+    ids = tok.encode(text)
+    assert ids[:3] == [104, 195, 169] and ids[-3:] == [272, 120, 273]  # raw UTF-8 bytes, specials as one id
+    assert tok.decode(ids) == text and tok.decode(ids, skip_special_tokens=True) == "héllo ✓ 42\n\tx"
+    assert tok.decode(torch.tensor([276, 52, 50, 277])) == "<|begin_of_box|>42<|end_of_box|>"
+    path = tok.save(tmp_path / "ckpt")
+    again = D.load_tokenizer(tmp_path / "ckpt")
+    assert os.path.basename(path) == "tokenizer.json" and again.encode(text) == ids and again.vocab_size == 320
+    assert D.load_tokenizer(path).special == tok.special
+
+
+def test_load_tokenizer_looks_specials_up_by_string(tmp_path):
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
+    vocab = {"[UNK]": 0, "hello": 1, "world": 2}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.add_special_tokens([AddedToken(s, special=True) for s in reversed(D.REQUIRED_TOKENS)])
+    backend.save(str(tmp_path / "tokenizer.json"))
+    loaded = D.load_tokenizer(tmp_path)
+    assert loaded.special == {s: backend.token_to_id(s) for s in D.REQUIRED_TOKENS}
+    assert loaded.image_token_id == backend.token_to_id("<|image|>") != 270
+    assert loaded.eos_token_ids == tuple(backend.token_to_id(s) for s in ("<|endoftext|>", "<|user|>",
+                                                                          "<|observation|>"))
+    incomplete = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    incomplete.save(str(tmp_path / "bad.json"))
+    with pytest.raises(ValueError, match=r"bad.json.*lacks"):
+        D.load_tokenizer(tmp_path / "bad.json")
+    with pytest.raises(FileNotFoundError):
+        D.load_tokenizer(tmp_path / "nowhere")
+    (tmp_path / "junk.json").write_text("{")
+    with pytest.raises(ValueError, match="junk.json"):
+        D.load_tokenizer(tmp_path / "junk.json")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Chat format and loss masks
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def masked_text(tok, enc):
+    return tok.decode(enc["input_ids"][enc["loss_mask"]])
+
+
+def test_render_chat_exact_text_and_loss_mask(tok):
+    image = rand_image(112, 112)
+    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What?"}]}]
+    enc = D.render_chat(msgs, tok, images=[image])
+    block = "<|begin_of_image|>" + "<|image|>" * 16 + "<|end_of_image|>"
+    assert enc["text"] == f"[gMASK]<sop><|user|>\n{block}What?<|assistant|>\n"
+    assert tok.decode(enc["input_ids"]) == enc["text"] and not enc["loss_mask"].any()
+    assert enc["image_grid_thw"].tolist() == [[1, 8, 8]] and enc["pixel_values"].shape == (64, 1176)
+    assert enc["pixel_values_videos"] is None and enc["video_grid_thw"] is None
+    off = D.render_chat(msgs, tok, images=[image], thinking=False)
+    assert off["text"].endswith("<|assistant|>\n<think></think>")
+
+    reply = "<think>r</think><answer><|begin_of_box|>7<|end_of_box|></answer>"
+    convo = [{"role": "system", "content": "Be brief."},
+             {"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
+             {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "n?"}]},
+             {"role": "assistant", "content": reply}]
+    enc = D.render_chat(convo, tok, images=[image])
+    assert enc["text"] == ("[gMASK]<sop><|system|>\nBe brief.<|user|>\nhi<|assistant|>\nhello<|user|>\n" + block +
+                           "n?<|assistant|>\n" + reply + "<|endoftext|>")
+    # the loss covers each reply plus the token that ends it: the next <|user|>, or <|endoftext|> at the end
+    assert masked_text(tok, enc) == "hello<|user|>" + reply + "<|endoftext|>"
+    ids, mask = enc["input_ids"], enc["loss_mask"]
+    assert not mask[0] and mask[-1] and ids[-1] == 256
+    no_think = D.render_chat(convo, tok, images=[image], thinking=False)
+    assert "<|assistant|>\n<think></think><answer>" in no_think["text"]
+    assert masked_text(tok, no_think) == "hello<|user|><answer><|begin_of_box|>7<|end_of_box|></answer><|endoftext|>"
+    meta = D.render_chat([{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "metadata": "m"}],
+                         tok)
+    assert meta["text"] == "[gMASK]<sop><|user|>\nq<|assistant|>m\na<|endoftext|>"
+
+
+def test_render_chat_matches_reference_processor(tok):
+    proc = hf_processor(tok)
+    images = [rand_image(140, 84, seed=1), rand_image(300, 200, "RGBA", seed=2)]
+    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Compare"},
+                                         {"type": "image"}, {"type": "text", "text": " them."}]}]
+    enc = D.render_chat(msgs, tok, images=images)
+    collapsed = re.sub(r"(<\|image\|>)+", "<|image|>", enc["text"])  # what the template writes
+    ref = proc(text=[collapsed], images=images, return_tensors="pt")
+    assert torch.equal(enc["input_ids"], ref["input_ids"][0])
+    assert torch.equal(enc["pixel_values"], ref["pixel_values"])
+    assert torch.equal(enc["image_grid_thw"], ref["image_grid_thw"])
+
+
+def test_render_chat_with_video_and_bad_input(tok):
+    msgs = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "When?"}]}]
+    enc = D.render_chat(msgs, tok, videos=[frames_of(8)])
+    assert enc["video_grid_thw"].tolist() == [[4, 4, 6]]
+    body = "".join("<|begin_of_image|>" + "<|image|>" * 6 + f"<|end_of_image|>{t}" for t in range(4))
+    assert enc["text"] == f"[gMASK]<sop><|user|>\n<|begin_of_video|>{body}<|end_of_video|>When?<|assistant|>\n"
+    with pytest.raises(ValueError, match="more images"):
+        D.render_chat([{"role": "user", "content": [{"type": "image"}]}], tok)
+    with pytest.raises(ValueError, match="1 images"):
+        D.render_chat([{"role": "user", "content": "no image here"}], tok, images=[rand_image(50, 50)])
+    with pytest.raises(ValueError, match="unknown role"):
+        D.render_chat([{"role": "robot", "content": "x"}], tok)
+    with pytest.raises(ValueError, match="'role' and 'content'"):
+        D.render_chat([{"content": "x"}], tok)
+
+
+def test_render_caption(tok):
+    enc = D.render_caption("A red circle.", tok, image=rand_image(112, 112))
+    assert enc["text"].startswith("[gMASK]<sop><|begin_of_image|>") and enc["text"].endswith(
+        "<|end_of_image|>A red circle.<|endoftext|>")
+    assert masked_text(tok, enc) == "A red circle.<|endoftext|>"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Datasets
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def write_jsonl(path, lines):
+    path.write_text("\n".join(line if isinstance(line, str) else json.dumps(line) for line in lines) + "\n")
+    return path
+
+
+def test_jsonl_source_formats_and_lengths(tmp_path, tok):
+    rand_image(112, 112).save(tmp_path / "a.png")
+    rand_image(168, 112, seed=3).save(tmp_path / "b.png")
+    path = write_jsonl(tmp_path / "d.jsonl", [
+        {"messages": [{"role": "user", "content": "<image>What is it?"}, {"role": "assistant", "content": "A."}],
+         "images": ["a.png"]},
+        "",
+        {"messages": [{"role": "user", "content": [{"type": "image", "image": "b.png"}, {"type": "text", "text": "?"}]},
+                      {"role": "assistant", "content": "B."}], "thinking": False},
+        {"image": "a.png", "text": "a caption"},
+        {"messages": [{"role": "user", "content": "<video>When?"}, {"role": "assistant", "content": "Now."}],
+         "videos": [["f/0.png", "f/1.png", "f/2.png"]]},
+        {"video": "f", "text": "three frames"},
+    ])
+    (tmp_path / "f").mkdir()
+    for i, frame in enumerate(frames_of(3, seed=4)):
+        frame.save(tmp_path / "f" / f"{i}.png")
+    src = D.JsonlSource(path)
+    assert src.size == 5 and src.where(2).endswith("d.jsonl:4")
+    for i in range(5):
+        enc = src.encode(i, tok)
+        assert src.length(i, tok) == len(enc["input_ids"])
+    first = src.encode(0, tok)
+    assert "<|end_of_image|>What is it?<|assistant|>\nA.<|endoftext|>" in first["text"]
+    assert "<think></think>B." in src.encode(1, tok)["text"]
+    assert masked_text(tok, src.encode(2, tok)) == "a caption<|endoftext|>"
+    assert src.encode(3, tok)["video_grid_thw"].tolist() == [[2, 4, 6]]
+    assert torch.equal(src.encode(4, tok)["pixel_values_videos"], src.encode(3, tok)["pixel_values_videos"])
+
+
+@pytest.mark.parametrize("line, message", [
+    ("{not json", "d.jsonl:2: not valid JSON"),
+    ({"text": "no image"}, "d.jsonl:2: expected 'messages'"),
+    ({"image": "missing.png", "text": "x"}, "d.jsonl:2: file not found: missing.png"),
+    ({"messages": [{"role": "user", "content": "<image><image>x"}], "images": ["a.png"]}, "d.jsonl:2: .*2 images"),
+    ({"messages": [{"role": "bot", "content": "x"}]}, "d.jsonl:2: .*unknown role"),
+    ({"messages": [{"role": "user"}]}, "d.jsonl:2: .*'role' and 'content'"),
+    ([1, 2], "d.jsonl:2: expected a JSON object"),
+])
+def test_jsonl_errors_name_file_and_line(tmp_path, line, message):
+    rand_image(64, 64).save(tmp_path / "a.png")
+    path = write_jsonl(tmp_path / "d.jsonl", [{"image": "a.png", "text": "fine"}, line])
+    with pytest.raises(ValueError, match=message):
+        D.JsonlSource(path)
+
+
+def test_corrupt_image_at_render_time_names_file_and_line(tmp_path, tok):
+    (tmp_path / "a.png").write_bytes(b"garbage")
+    src = D.JsonlSource(write_jsonl(tmp_path / "d.jsonl", [{"image": "a.png", "text": "x"}]))
+    with pytest.raises(ValueError, match=r"d.jsonl:1: .*a.png"):
+        src.encode(0, tok)
+    with pytest.raises(ValueError, match=r"d.jsonl:1: .*a.png"):
+        src.length(0, tok)
+
+
+def test_export_round_trip_equals_the_synthetic_source(tmp_path, tok):
+    path = D.main(["export", str(tmp_path), "--n", "1"])
+    src = D.JsonlSource(path)
+    synth = D.SyntheticSource("sft")
+    assert src.size == len(D.TASKS)
+    for i in range(len(D.TASKS)):  # same tokens and pixels whether read back from files or generated
+        a, b = src.encode(i, tok), synth.encode(i, tok)
+        assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["loss_mask"], b["loss_mask"])
+        for key in ("pixel_values", "pixel_values_videos"):
+            assert (a[key] is None and b[key] is None) or torch.equal(a[key], b[key])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Packing
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class ListSource:
+    """A finite in-memory source of given samples."""
+
+    def __init__(self, samples):
+        self.samples, self.size = samples, len(samples)
+
+    def sample(self, i):
+        return self.samples[i]
+
+    def length(self, i, tokenizer):
+        return len(D.encode_sample(self.samples[i], tokenizer, sizes_only=True)["input_ids"])
+
+    def encode(self, i, tokenizer):
+        return D.encode_sample(self.samples[i], tokenizer)
+
+
+def test_pack_boundaries_positions_labels_and_vision(tok):
+    import rope2d
+    src = D.SyntheticSource("sft")
+    loader = D.PackedLoader(src, tok, seq_len=700, packs_per_step=2)
+    packs = loader.batch(0) + loader.batch(1)
+    assert [p["samples"][0] for p in packs[1:]] == [p["samples"][-1] + 1 for p in packs[:-1]]  # stream order
+    for pack in packs:
+        T = pack["input_ids"].shape[1]
+        assert T == 700 and pack["labels"].shape == (1, T) and pack["position_ids"].shape == (3, 1, T)
+        cu = pack["cu_seqlens"].tolist()
+        assert pack["cu_seqlens"].dtype == torch.int32 and cu[0] == 0 and cu[-1] == T
+        images, videos = [], []
+        for k, s in enumerate(pack["samples"]):
+            enc = src.encode(s, tok)
+            a, b = cu[k], cu[k + 1]
+            assert torch.equal(pack["input_ids"][0, a:b], enc["input_ids"])
+            labels = pack["labels"][0, a:b]
+            assert labels[0] == -100  # a sample never learns its first token: the shift cannot cross samples
+            assert torch.equal(labels[enc["loss_mask"]], enc["input_ids"][enc["loss_mask"]])
+            assert (labels[~enc["loss_mask"]] == -100).all()
+            alone, _ = rope2d.get_rope_index(enc["input_ids"][None], enc["image_grid_thw"], enc["video_grid_thw"],
+                                             **tok.rope_index_kwargs())
+            assert torch.equal(pack["position_ids"][:, :, a:b], alone) and pack["position_ids"][0, 0, a] == 0
+            images += [enc["pixel_values"]] if enc["pixel_values"] is not None else []
+            videos += [enc["pixel_values_videos"]] if enc["pixel_values_videos"] is not None else []
+        if len(cu) - 1 > len(pack["samples"]):  # the padding tail
+            tail = slice(cu[-2], cu[-1])
+            assert (pack["input_ids"][0, tail] == tok.pad_token_id).all() and (pack["labels"][0, tail] == -100).all()
+        assert torch.equal(pack["pixel_values"], torch.cat(images))
+        if videos:
+            assert torch.equal(pack["pixel_values_videos"], torch.cat(videos))
+        else:
+            assert pack["pixel_values_videos"] is None and pack["video_grid_thw"] is None
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny matmuls gain nothing from threads, which only spin against whatever else shares the CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_no_attention_across_packed_samples(tok, one_thread):
+    """The tiny model gives every sample the same logits inside the pack as alone."""
+    import model as M
+    torch.manual_seed(0)
+    net = M.GLM4V(M.PRESETS["tiny"]).eval()
+    loader = D.PackedLoader(D.SyntheticSource("sft", tasks=("counting", "video_grounding", "ocr")), tok, seq_len=400)
+    pack = loader.batch(0)[0]
+    assert len(pack["samples"]) >= 2 and pack["pixel_values_videos"] is not None
+    with torch.no_grad():
+        packed = net(pack["input_ids"], pixel_values=pack["pixel_values"], image_grid_thw=pack["image_grid_thw"],
+                     pixel_values_videos=pack["pixel_values_videos"], video_grid_thw=pack["video_grid_thw"],
+                     position_ids=pack["position_ids"], cu_seqlens=pack["cu_seqlens"])
+        cu = pack["cu_seqlens"].tolist()
+        for k, s in enumerate(pack["samples"]):
+            enc = loader.source.encode(s, tok)
+            alone = net(enc["input_ids"][None], pixel_values=enc["pixel_values"],
+                        image_grid_thw=enc["image_grid_thw"], pixel_values_videos=enc["pixel_values_videos"],
+                        video_grid_thw=enc["video_grid_thw"])
+            torch.testing.assert_close(packed[0, cu[k]:cu[k + 1]], alone[0], atol=2e-4, rtol=1e-4)
+
+
+def test_packing_skips_overlong_samples_and_shuffles_finite_sources(tok):
+    samples = [{"messages": [{"role": "user", "content": "q" * n}, {"role": "assistant", "content": "a"}]}
+               for n in (5, 300, 7, 9, 11, 13)]
+    loader = D.PackedLoader(ListSource(samples), tok, seq_len=64, seed=3)
+    seen = []
+    for g in range(6):
+        seen += [loader.index(s) for s in loader.batch(g)[0]["samples"]]
+    assert 1 not in seen and len(loader.skipped) >= 1  # the 300-char sample never fits in 64 tokens
+    first_epoch = [loader.index(s) for s in range(6)]
+    assert sorted(first_epoch) == list(range(6)) and first_epoch != [loader.index(s) for s in range(6, 12)]
+    with pytest.raises(ValueError, match="no sample fits"):
+        D.PackedLoader(ListSource(samples[1:2]), tok, seq_len=16).batch(0)
+
+
+def test_world_sizes_see_the_same_global_batches_and_resume(tok):
+    src = D.SyntheticSource("caption")
+    one = D.PackedLoader(src, tok, seq_len=300, packs_per_step=4)
+    ranks = [D.PackedLoader(src, tok, seq_len=300, packs_per_step=4, rank=r, world=2) for r in range(2)]
+    for g in (0, 2, 1):  # random access in any order
+        global_batch = one.batch(g)
+        assert [p["samples"] for p in global_batch] == [p["samples"] for r in ranks for p in r.batch(g)]
+    it = iter(one)
+    for _ in range(3):
+        next(it)
+    state = one.state_dict()
+    assert state["step"] == 3
+    expected = next(it)
+    resumed = D.PackedLoader(src, tok, seq_len=300, packs_per_step=4, rank=1, world=2)
+    resumed.load_state_dict(json.loads(json.dumps(state)))  # the state survives JSON
+    got = next(iter(resumed))
+    assert [p["samples"] for p in got] == [p["samples"] for p in expected[2:]]
+    assert torch.equal(got[0]["input_ids"], expected[2]["input_ids"])
+    with pytest.raises(ValueError, match="before the resume point"):
+        resumed.batch(0)
+    with pytest.raises(ValueError, match="seq_len"):
+        D.PackedLoader(src, tok, seq_len=100, packs_per_step=4).load_state_dict(state)
+    with pytest.raises(ValueError, match="multiple of the world size"):
+        D.PackedLoader(src, tok, seq_len=300, packs_per_step=3, world=2)
+
+
+def test_worker_processes_give_the_same_batches(tok):
+    src = D.SyntheticSource("sft", tasks=("math", "chart"))
+    plain = D.PackedLoader(src, tok, seq_len=400)
+    workers = D.PackedLoader(src, tok, seq_len=400, num_workers=2)
+    stream = iter(workers)
+    for g in range(3):
+        a, b = plain.batch(g), next(stream)
+        assert a[0]["samples"] == b[0]["samples"] and torch.equal(a[0]["pixel_values"], b[0]["pixel_values"])
+    stream.close()
+    plain.pack(3)
+    assert workers.step == 3 and workers.state_dict()["position"] == plain._starts[3]
+
+
+PROCESS_SCRIPT = """
+import hashlib, json, sys
+sys.path.insert(0, {root!r})
+import data as D
+tok = D.tiny_tokenizer()
+loader = D.PackedLoader(D.SyntheticSource("sft", no_think_share=0.3), tok, seq_len=500, packs_per_step=2,
+                        rank={rank}, world=2)
+out = []
+for g in range(2):
+    for pack in loader.batch(g):
+        h = hashlib.sha256()
+        for key in ("input_ids", "labels", "position_ids", "pixel_values", "pixel_values_videos"):
+            if pack[key] is not None:
+                h.update(pack[key].numpy().tobytes())
+        out.append(h.hexdigest())
+print(json.dumps(out))
+"""
+
+
+def test_processes_agree_with_one_process(tok):
+    """Two ranks in fresh processes (their own str hash salts) reproduce the global batches of one process."""
+    procs = [subprocess.Popen([sys.executable, "-c", PROCESS_SCRIPT.format(root=ROOT, rank=r)],
+                              stdout=subprocess.PIPE, env={**os.environ, "PYTHONHASHSEED": str(17 + r)})
+             for r in range(2)]
+    outs = [json.loads(p.communicate(timeout=120)[0]) for p in procs]
+    import hashlib
+    loader = D.PackedLoader(D.SyntheticSource("sft", no_think_share=0.3), tok, seq_len=500, packs_per_step=2)
+    expected = []
+    for g in range(2):
+        for pack in loader.batch(g):
+            h = hashlib.sha256()
+            for key in ("input_ids", "labels", "position_ids", "pixel_values", "pixel_values_videos"):
+                if pack[key] is not None:
+                    h.update(pack[key].numpy().tobytes())
+            expected.append(h.hexdigest())
+    assert [outs[0][0], outs[1][0], outs[0][1], outs[1][1]] == expected
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The quality pipeline
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def colour_scorer(image, text):
+    """A stand-in for CLIP: 1 when the caption names the image's dominant colour, else 0."""
+    r, g, b = np.asarray(image.convert("RGB"), dtype=np.float32).reshape(-1, 3).mean(0)
+    name = max((("red", r - g - b), ("green", g - r - b), ("blue", b - r - g)), key=lambda kv: kv[1])[0]
+    return 1.0 if name in text.lower() else 0.0
+
+
+def shout(image, text):
+    return text.upper() + f" ({image.width}x{image.height})"
+
+
+def textured(colour, seed, size=(96, 96)):
+    """A colour-dominated image with texture (not solid, distinct perceptual hash per seed)."""
+    rng = np.random.default_rng(seed)
+    base = np.array(colour, dtype=np.float32)
+    noise = rng.integers(0, 40, (size[1] // 8, size[0] // 8, 1)).repeat(8, 0).repeat(8, 1)
+    return Image.fromarray(np.clip(base + noise, 0, 255).astype(np.uint8))
+
+
+def test_quality_filter_counts_every_drop(tmp_path, monkeypatch):
+    colours = {"red": (200, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 200)}
+    lines = []
+    for i in range(6):
+        name = list(colours)[i % 3]
+        textured(colours[name], seed=i).save(tmp_path / f"ok{i}.png")
+        lines.append({"image": f"ok{i}.png", "text": f"a {name} square number {i}"})
+    Image.open(tmp_path / "ok1.png").save(tmp_path / "copy1.png")  # identical pixels, another file
+    lines.append({"image": "copy1.png", "text": "a green square again"})
+    Image.open(tmp_path / "ok2.png").resize((90, 90)).save(tmp_path / "near2.jpg", quality=90)
+    lines.append({"image": "near2.jpg", "text": "a blue square, recompressed"})
+    textured(colours["red"], 50, (20, 20)).save(tmp_path / "small.png")
+    lines.append({"image": "small.png", "text": "a red dot"})
+    textured(colours["red"], 51, (700, 33)).save(tmp_path / "wide.png")
+    lines.append({"image": "wide.png", "text": "a red banner"})
+    Image.new("RGB", (96, 96), (10, 200, 10)).save(tmp_path / "solid.png")
+    lines.append({"image": "solid.png", "text": "green"})
+    textured(colours["blue"], 52).save(tmp_path / "mismatch.png")
+    lines.append({"image": "mismatch.png", "text": "a red square"})  # the scorer disagrees
+    (tmp_path / "corrupt.png").write_bytes(os.urandom(300))
+    lines.append({"image": "corrupt.png", "text": "a red thing"})
+    buf = io.BytesIO()
+    textured(colours["red"], 53).save(buf, "JPEG")
+    (tmp_path / "cut.jpg").write_bytes(buf.getvalue()[:400])
+    lines.append({"image": "cut.jpg", "text": "a red cut"})
+    textured(colours["red"], 54, (200, 200)).save(tmp_path / "bomb.png")  # over the (lowered) pixel limit
+    lines.append({"image": "bomb.png", "text": "a red bomb"})
+    lines.append({"image": "gone.png", "text": "a red ghost"})
+    lines.append("{broken json")
+    lines.append({"video": "ok0.png"})
+    lines.append({"image": "ok3.png", "text": "x"})  # too short a text (not a duplicate: text is checked first)
+    src = write_jsonl(tmp_path / "in.jsonl", lines)
+    out, rejects = tmp_path / "out.jsonl", tmp_path / "rejects.jsonl"
+    summary = D.quality_filter(src, out, scorer=colour_scorer, max_image_pixels=30_000, rejects=str(rejects),
+                               recaption=shout, progress=False)
+    reasons = ("exact_duplicate", "near_duplicate", "too_small", "aspect_ratio", "solid_color", "low_relevance",
+               "unreadable", "truncated", "decompression_bomb", "missing_file", "bad_json", "bad_record",
+               "text_length")
+    assert summary == {"read": len(lines), "kept": 6, "dropped": {r: 1 for r in reasons}}
+    kept = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [k["image"] for k in kept] == [f"ok{i}.png" for i in range(6)]
+    assert kept[0]["text"] == "A RED SQUARE NUMBER 0 (96x96)" and kept[0]["original_text"] == "a red square number 0"
+    assert len(rejects.read_text().splitlines()) == len(lines) - 6
+
+
+def test_concept_balancing_thins_head_concepts_only(tmp_path):
+    lines = []
+    for i in range(60):
+        textured((120, 120, 120), seed=100 + i).save(tmp_path / f"{i}.png")
+        lines.append({"image": f"{i}.png", "text": "a cat" if i < 56 else f"a rare okapi {i}"})
+    src = write_jsonl(tmp_path / "in.jsonl", lines)
+    summary = D.quality_filter(src, tmp_path / "out.jsonl", balance_t=5, concepts=["cat", "okapi"], progress=False)
+    kept = [json.loads(line)["text"] for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert sum("okapi" in t for t in kept) == 4  # the long tail (below t) stays whole
+    assert 1 <= sum(t == "a cat" for t in kept) <= 15  # the head is cut to about t = 5
+    assert summary["dropped"]["resampled_out"] == 60 - len(kept)
+    again = D.quality_filter(src, tmp_path / "out2.jsonl", balance_t=5, concepts=["cat", "okapi"], progress=False)
+    assert again == summary and (tmp_path / "out2.jsonl").read_text() == (tmp_path / "out.jsonl").read_text()
+
+
+def test_filter_cli_with_plugged_scorer(tmp_path, capsys, monkeypatch):
+    textured((200, 30, 30), 1).save(tmp_path / "a.png")
+    textured((30, 30, 200), 2).save(tmp_path / "b.png")
+    src = write_jsonl(tmp_path / "in.jsonl", [{"image": "a.png", "text": "red"}, {"image": "b.png", "text": "red"}])
+    monkeypatch.syspath_prepend(os.path.dirname(__file__))
+    summary = D.main(["filter", str(src), str(tmp_path / "out.jsonl"), "--scorer", "test_data:colour_scorer"])
+    assert summary["kept"] == 1 and summary["dropped"] == {"low_relevance": 1}
+    assert "low_relevance" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="cannot load"):
+        D.main(["filter", str(src), str(tmp_path / "o.jsonl"), "--scorer", "no_such_module:f"])
+
+
+def test_phash_near_duplicate_index():
+    a = D.phash(textured((200, 30, 30), 7))
+    b = D.phash(textured((200, 30, 30), 7).resize((80, 80)))
+    c = D.phash(textured((200, 30, 30), 8))
+    assert bin(a ^ b).count("1") <= 4 < bin(a ^ c).count("1")
+    index = D.NearDuplicateIndex(4)
+    index.add(a)
+    assert index.find(b) == a and index.find(c) is None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The synthetic world
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def follows_contract(task, answer):
+    """The ground-truth format of CONTRACT.md."""
+    if task == "math":
+        return re.fullmatch(r"-?\d+(/\d+|\.\d+)?", answer) is not None
+    if task == "ocr":
+        return bool(answer.strip()) and answer == answer.strip()
+    if task == "counting":
+        return re.fullmatch(r"\d+", answer) is not None
+    if task == "chart":
+        return re.fullmatch(r"-?\d+(\.\d+)?", answer) is not None
+    if task == "grounding":
+        boxes = json.loads(answer)
+        boxes = boxes if isinstance(boxes[0], list) else [boxes]
+        return all(len(b) == 4 and all(isinstance(v, int) and 0 <= v <= 1000 for v in b) and b[0] < b[2] and
+                   b[1] < b[3] for b in boxes)
+    if task == "gui":
+        action = json.loads(answer)
+        if action["action"] == "click":
+            return set(action) == {"action", "box"} and follows_contract("grounding", json.dumps(action["box"]))
+        return action["action"] == "type" and set(action) == {"action", "text"} and bool(action["text"])
+    if task == "video_grounding":
+        m = re.fullmatch(r"\[(\d+\.\d), (\d+\.\d)\]", answer)
+        return m is not None and float(m[1]) < float(m[2])
+    if task == "choice":
+        return re.fullmatch(r"[A-D]", answer) is not None
+    raise AssertionError(task)
+
+
+def boxed(reply):
+    m = re.fullmatch(r"<think>.*</think><answer><\|begin_of_box\|>(.*)<\|end_of_box\|></answer>", reply, re.S)
+    return m and m[1]
+
+
+def iou(a, b):
+    inter = max(0, min(a[2], b[2]) - max(a[0], b[0])) * max(0, min(a[3], b[3]) - max(a[1], b[1]))
+    return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
+
+
+def verifier_rule(task, reply, answer):
+    """Each domain's rule (paper Table 1), applied to the reply's box: 1.0 when right."""
+    got = boxed(reply)
+    if got is None:
+        return 0.0
+    if task == "math":
+        return float(Fraction(got) == Fraction(answer))
+    if task == "chart":
+        g, a = float(got), float(answer)
+        return float(g == a if 1000 <= a <= 3000 and a == int(a) else abs(g - a) <= 2.5e-2 * abs(a))
+    if task in ("ocr", "counting", "choice"):
+        return float(got == answer)
+    if task == "grounding":
+        g, a = json.loads(got), json.loads(answer)
+        g, a = (g if isinstance(g[0], list) else [g]), (a if isinstance(a[0], list) else [a])
+        return float(len(g) == len(a) and all(iou(x, y) > 0.5 for x, y in zip(g, a)))
+    if task == "gui":
+        g, a = json.loads(got), json.loads(answer)
+        return float(g["action"] == a["action"] and (iou(g["box"], a["box"]) > 0.5 if "box" in a else
+                                                     g["text"] == a["text"]))
+    if task == "video_grounding":
+        (g0, g1), (a0, a1) = json.loads(got), json.loads(answer)
+        return (min(g1, a1) - max(g0, a0)) / (max(g1, a1) - min(g0, a0))
+    raise AssertionError(task)
+
+
+def pixel_box(box1000, size):
+    """0–1000 box -> inclusive pixel box."""
+    w, h = size
+    return (round(box1000[0] * w / 1000), round(box1000[1] * h / 1000), round(box1000[2] * w / 1000) - 1,
+            round(box1000[3] * h / 1000) - 1)
+
+
+def colour_mask(image, rgb):
+    return (np.asarray(image) == np.array(rgb, dtype=np.uint8)).all(-1)
+
+
+def bbox(mask):
+    ys, xs = np.nonzero(mask)
+    return (xs.min(), ys.min(), xs.max(), ys.max())
+
+
+def check_image_shows_answer(item):
+    """Domain by domain: what was drawn (read back from the pixels) determines the stored answer."""
+    f = item.facts
+    if item.task in ("counting", "grounding", "choice"):
+        image = np.asarray(item.image)
+        for (kind, colour), box in zip(f["objects"], f["boxes"]):  # every object is drawn where the facts say
+            x0, y0, x1, y1 = box
+            region = colour_mask(item.image, D.COLORS[colour])[y0:y1 + 1, x0:x1 + 1]
+            assert region.any() and bbox(region) == (0, 0, x1 - x0, y1 - y0), (item.key, kind, colour)
+        assert image.shape[:2] == (item.size[1], item.size[0])
+    if item.task == "counting":
+        kind, colour = f["target"]
+        n = sum(k == kind and (colour is None or c == colour) for k, c in f["objects"])
+        assert item.answer == str(n)
+    elif item.task == "grounding":
+        boxes = json.loads(item.answer)
+        boxes = boxes if isinstance(boxes[0], list) else [boxes]
+        kind, colour = f["target"]
+        mask = colour_mask(item.image, D.COLORS[colour])
+        for box in boxes:  # the answer's box, back in pixels, is the tight box of a target-coloured shape
+            x0, y0, x1, y1 = pixel_box(box, item.size)
+            assert abs(np.array(bbox(mask[y0 - 1:y1 + 2, x0 - 1:x1 + 2])) - np.array(
+                (1, 1, x1 - x0 + 1, y1 - y0 + 1))).max() <= 1
+        targets = [b for (k, c), b in zip(f["objects"], f["boxes"]) if (k, c) == (kind, colour)]
+        assert len(targets) == len(boxes)
+    elif item.task == "choice":
+        options = dict(re.findall(r"\n([A-D])\. (\w+)", item.question))
+        assert options[item.answer] == f["correct"] and list(options.values()).count(f["correct"]) == 1
+    elif item.task == "gui":
+        action = json.loads(item.answer)
+        if action["action"] == "click":
+            x0, y0, x1, y1 = pixel_box(action["box"], item.size)
+            image = np.asarray(item.image)
+            outline = np.array((120, 120, 120), dtype=np.uint8)
+            assert (image[y0, x0:x1 + 1] == outline).all() and (image[y1, x0:x1 + 1] == outline).all()
+            assert (image[y0:y1 + 1, x0] == outline).all() and (image[y0:y1 + 1, x1] == outline).all()
+            label = f["labels"][f["target"]]
+            assert f"Click the {label} button." == item.question or f["note"] == f"Click {label}"
+        else:
+            assert f["note"] == f"Type: {action['text']}"
+    elif item.task == "video_grounding":
+        start, end = json.loads(item.answer)
+        kind, colour = f["target"]
+        seen = [f_ for f_, frame in enumerate(item.frames) if colour_mask(frame, D.COLORS[colour]).any()]
+        others = [c for _, c, *_ in f["distractors"]]
+        if colour not in others:
+            assert seen == list(range(round(start * item.fps), round(end * item.fps)))
+        assert f["visible"] == list(range(round(start * item.fps), round(end * item.fps)))
+    elif item.task == "chart":
+        heights = []
+        for x0, y0, x1, y1 in f["bars"]:
+            column = colour_mask(item.image, f["color"])[:, (x0 + x1) // 2]
+            heights.append(column.sum())
+        values = [float(v) for v in f["values"]]
+        for h, v in zip(heights, values):  # bar heights are proportional to the printed values
+            assert abs(h - v / max(values) * heights[values.index(max(values))]) <= 1.5
+        q, lab = item.question, f["labels"]
+        val = dict(zip(lab, map(Fraction, f["values"])))
+        if q.startswith("What is the value of bar"):
+            expect = val[q.split()[-1][:-1]]
+        elif " plus " in q or " minus " in q:
+            a, op, b = q[len("What is "):-1].split()
+            expect = val[a] + val[b] if op == "plus" else val[a] - val[b]
+        elif q == "What is the largest value?":
+            expect = max(val.values())
+        elif q == "What is the total of all values?":
+            expect = sum(val.values())
+        else:
+            expect = Fraction(max(val, key=val.get))
+        assert Fraction(item.answer) == expect
+    elif item.task == "math":  # exact arithmetic on the expression gives the answer
+        expr = f["expression"]
+        assert re.fullmatch(r"[\d+\-*/().]+", expr)
+        exact = eval(re.sub(r"\d+(\.\d+)?", lambda m: f"Fraction('{m[0]}')", expr), {"Fraction": Fraction})
+        assert Fraction(item.answer) == exact
+    if item.task in ("math", "ocr"):  # the text is drawn whole inside the canvas
+        pixels = np.asarray(item.image)
+        ink = (pixels != pixels[0, 0]).any(-1)
+        assert ink.sum() > 20
+        if item.level < 5:  # (level 5 sprinkles noise specks everywhere)
+            x0, y0, x1, y1 = bbox(ink)
+            assert x0 >= 1 and y0 >= 1 and x1 <= item.size[0] - 2 and y1 <= item.size[1] - 2
+
+
+def test_every_domain_and_level_is_valid_and_shows_its_answer():
+    try:
+        import rewards
+    except ImportError:
+        rewards = None
+    for task in D.TASKS:
+        for level in D.LEVELS:
+            for index in range(3):
+                item = D.make_item(task, index, level=level)
+                assert (item.task, item.level) == (task, level)
+                assert follows_contract(task, item.answer), (task, level, item.answer)
+                assert verifier_rule(task, item.reply(), item.answer) == 1.0
+                assert verifier_rule(task, item.reply(thinking=False), item.answer) == 1.0
+                if rewards is not None:
+                    assert rewards.score(task, item.reply(), item.answer) == 1.0
+                check_image_shows_answer(item)
+                w, h = item.size
+                assert w % 28 == 0 and h % 28 == 0 and 56 <= min(w, h) and max(w, h) <= 224
+                assert len(item.reply().encode()) < 200 and item.caption and item.question
+
+
+def test_items_are_deterministic_and_small():
+    a, b = D.make_item("chart", 12, seed=5), D.make_item("chart", 12, seed=5)
+    assert a.image.tobytes() == b.image.tobytes() and a.answer == b.answer and a.key == b.key
+    assert D.make_item("chart", 12, seed=6).key != a.key
+    lazy = D.make_item("gui", 3, render=False)
+    assert lazy.image is None and lazy.key == D.make_item("gui", 3).key
+    tokens = []
+    for task in D.TASKS:
+        for i in range(10):
+            item = D.make_item(task, i, render=False)
+            if item.num_frames:
+                grid, _ = D.video_layout(item.num_frames, item.size)
+            else:
+                grid = D.image_grid(item.size)
+            tokens.append(int(grid.prod()) // 4)
+    assert np.mean(np.array(tokens) <= 64) >= 0.85 and max(tokens) <= 100
+
+
+def test_train_and_heldout_are_disjoint():
+    for task in D.TASKS:
+        train = {D.make_item(task, i, split="train", render=False).key for i in range(60)}
+        held = [D.make_item(task, i, split="heldout", render=False) for i in range(20)]
+        assert all(D.split_of(item.key) == "heldout" for item in held)  # the split is a function of the content
+        assert not train & {item.key for item in held}
+        assert all(D.split_of(k) == "train" for k in train)
+    with pytest.raises(ValueError, match="unknown task"):
+        D.make_item("poetry", 0)
+    with pytest.raises(ValueError, match="split"):
+        D.make_item("math", 0, split="test")
+
+
+def test_synthetic_source_kinds_and_no_think_share(tok):
+    sft = D.SyntheticSource("sft", no_think_share=0.5)
+    thinking = [sft.sample(i, render=False)["thinking"] for i in range(200)]
+    assert 60 < sum(thinking) < 140
+    for i in range(16):
+        assert sft.length(i, tok) == len(sft.encode(i, tok)["input_ids"])
+    cap = D.SyntheticSource("caption")
+    assert set(cap.sample(6)) == {"video", "text"} and set(cap.sample(0)) == {"image", "text"}
+    for i in range(8):
+        assert cap.length(i, tok) == len(cap.encode(i, tok)["input_ids"])
+    prompt = sft.item(0).prompt(tok)
+    assert prompt["text"].endswith("<|assistant|>\n") and not prompt["loss_mask"].any()
+
+
+def test_show_cli_writes_a_contact_sheet(tmp_path):
+    out = tmp_path / "grid.png"
+    D.main(["show", "--domain", "grounding", "--n", "8", "--out", str(out)])
+    sheet = Image.open(out)
+    assert sheet.size == (4 * 240, 2 * (240 + 100))
+    magenta = colour_mask(sheet.convert("RGB"), (255, 0, 255))
+    assert magenta.sum() > 100  # the answer boxes are outlined
