@@ -4,10 +4,13 @@
     python sample.py --checkpoint DIR                      # interactive multi-turn chat
 
 Choices made here (gpt-fast style, no framework):
-- **Static KV cache.** `model.setup_caches(B, S)` preallocates every layer's keys/values for S slots. The prompt is
-  prefilled in one forward (vision encoded once, its features in place of the placeholders); then each decode
-  step feeds one token per row at slot T + k. Decode shapes never change, so the step can be compiled and
-  CUDA-graphed (`torch.compile(mode="reduce-overhead")`, on by default on CUDA).
+- **Static KV cache.** `model.setup_caches(B, S)` preallocates every layer's keys/values for S slots (S rounded
+  up to 256 so that later calls reuse them). The prompt is prefilled in forwards of up to 2048 tokens (vision
+  encoded once, its features in place of the placeholders); then each decode step feeds one token per row at
+  slot T + k. Eagerly, attention reads only the filled slots. Compiled, decode shapes never change (attention
+  covers the whole cache, masked), so the step is CUDA-graphed (`torch.compile(mode="reduce-overhead")`, on by
+  default on CUDA, opt-in on CPU where compiling takes a minute); on a GPU the host asks "have all rows ended?"
+  only every 8 steps so that it can queue work ahead.
 - **Batches are left-padded.** Rows of any padding side (or holes) are re-packed so that every row's real tokens
   end at the last column; the new tokens of all rows then share one cache slot per step. Padding slots are masked.
 - **3D positions continue from each row's prompt** (paper §2): the prefill positions come from
@@ -26,6 +29,7 @@ Choices made here (gpt-fast style, no framework):
   (before top-p truncation; temperature 0 counts as 1); forced tokens get the model's log-prob too.
 """
 import argparse
+import contextlib
 import dataclasses
 import os
 import sys
@@ -34,6 +38,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+import data
 import model as M
 import rope2d
 
@@ -100,6 +105,21 @@ def decode_step(model: M.GLM4V, tokens: torch.Tensor, position_ids: torch.Tensor
 _compiled_decode_step = None
 
 
+@contextlib.contextmanager
+def plain_torch_kernels():
+    """Run (and trace) the compiled decode step through kernels.py's plain-PyTorch paths: inductor fuses those
+    ops into Triton kernels of its own, while the hand-written kernels are autograd Functions made for eager use."""
+    before = os.environ.get("GLM4V_KERNELS")
+    os.environ["GLM4V_KERNELS"] = "torch"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["GLM4V_KERNELS"]
+        else:
+            os.environ["GLM4V_KERNELS"] = before
+
+
 def compiled_decode_step():
     """decode_step compiled once per process (gpt-fast): CUDA graphs remove the launch overhead of ~20 kernels per
     layer, which is most of a batch-1 step's time on a GPU."""
@@ -151,9 +171,12 @@ def generate_stream(model: M.GLM4V, input_ids, max_new_tokens: int, temperature:
     compile = device.type == "cuda" if compile is None else compile
     step = compiled_decode_step() if compile else decode_step
 
-    # prefill: vision encoded once, the whole prompt in one cached forward
+    # prefill: vision encoded once, the prompt written into the cache chunk by chunk
     S = min(-(-(T + max_new_tokens) // CACHE_ROUNDING) * CACHE_ROUNDING, max_seq_len)
     model.setup_caches(B, S)
+    pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw = (
+        None if t is None else t.to(device) for t in (pixel_values, image_grid_thw, pixel_values_videos,
+                                                      video_grid_thw))
     x = model.embed(ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)
     position_ids, deltas = rope2d.get_rope_index(ids, image_grid_thw, video_grid_thw, keep,
                                                  **cfg.rope_index_kwargs())
@@ -164,7 +187,7 @@ def generate_stream(model: M.GLM4V, input_ids, max_new_tokens: int, temperature:
                                       kv_len=end)
     logits = logits[:, -1].float()
 
-    # decode state, all on the device: one host sync per step (have all rows ended?)
+    # decode state, all on the device; the host only reads `done`
     next_position = keep.sum(-1) + deltas[:, 0]  # (B,) the position of each row's first new token
     input_pos = torch.tensor([T], device=device)
     eos = torch.tensor(cfg.eos_token_ids, device=device)
@@ -193,7 +216,8 @@ def generate_stream(model: M.GLM4V, input_ids, max_new_tokens: int, temperature:
             return
         positions = (next_position + k).view(1, B, 1).expand(3, B, 1).contiguous()
         if compile:  # static shapes; a CUDA graph's output buffer is overwritten by the next replay: copy it
-            logits = step(model, tokens[:, None], positions, input_pos).clone()
+            with plain_torch_kernels():
+                logits = step(model, tokens[:, None], positions, input_pos).clone()
         else:
             logits = step(model, tokens[:, None], positions, input_pos, T + k + 1)
         input_pos += 1
@@ -236,8 +260,6 @@ EOS_STRINGS = ("<|endoftext|>", "<|user|>", "<|observation|>")
 
 def load(checkpoint: str, device="cpu", dtype=None):
     """(model, tokenizer) from a checkpoint directory: config.json, model.safetensors (or shards), tokenizer.json."""
-    import data
-
     if not os.path.isdir(checkpoint):
         raise FileNotFoundError(f"checkpoint directory not found: {checkpoint}")
     for name in ("config.json", "tokenizer.json"):
@@ -309,14 +331,13 @@ class Chat:
         self.model, self.tokenizer, self.args, self.out = model, tokenizer, args, out
         device = model.lm_head.weight.device
         self.generator = torch.Generator(device).manual_seed(args.seed)
+        self.compile_notice = args.compile or (args.compile is None and device.type == "cuda")
         self.reset()
 
     def reset(self):
         self.messages, self.images, self.videos = [], [], []
 
     def ask(self, prompt: str, images=(), videos=()) -> str:
-        import data
-
         images = [data.process_image(path) for path in images]  # errors name the file
         videos = [data.process_video(path) for path in videos]
         content = [{"type": "image"}] * len(images) + [{"type": "video"}] * len(videos) + \
@@ -333,10 +354,14 @@ class Chat:
                                  self.args.temperature, self.args.top_p, **vision, generator=self.generator,
                                  think_budget=budget, force_answer_ids=force, compile=self.args.compile,
                                  max_seq_len=self.args.max_seq_len)
+        if self.compile_notice:
+            print("(compiling the decode step for this shape: the first reply takes a minute longer)",
+                  file=sys.stderr)
+            self.compile_notice = False
         printer = ReplyPrinter(self.tokenizer, self.out)
         if self.args.no_think:
             self.out.write("Answer:\n")
-        if self.args.stream:
+        if self.args.stream or self.args.prompt is None:  # a chat always streams
             for tokens, _ in stream:
                 printer.add(tokens.tolist())
         else:
@@ -380,6 +405,8 @@ def interactive(chat: Chat, images=(), videos=(), stdin=sys.stdin):
             chat.ask(line, images, videos)
         except (FileNotFoundError, ValueError, ImportError) as e:
             out.write(f"error: {e}\n")
+        except KeyboardInterrupt:  # Ctrl-C stops the reply (it is left out of the history), not the chat
+            out.write("\n(interrupted)\n")
         images, videos = [], []
 
 
@@ -397,7 +424,7 @@ def parse_args(argv=None):
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: keep the most likely tokens up to "
                    "this probability mass")
     p.add_argument("--seed", type=int, default=0, help="random seed for sampling")
-    p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
+    p.add_argument("--stream", action="store_true", help="print tokens as they are generated (always on in a chat)")
     p.add_argument("--think-budget", type=int, help="force answering (paper §5): after this many reply tokens "
                    "without </think>, insert </think><answer>")
     p.add_argument("--max-seq-len", type=int, help="the context in tokens, prompt + reply "
@@ -422,7 +449,12 @@ def parse_args(argv=None):
 
 def main(argv=None, stdin=sys.stdin, out=sys.stdout):
     args = parse_args(argv)
-    device = torch.device(args.device)
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        sys.exit(f"error: unknown --device {args.device!r} (cpu, cuda, cuda:1, ...)")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        sys.exit("error: --device cuda, but this machine has no CUDA GPU (use --device cpu)")
     dtype = {"auto": torch.bfloat16 if device.type == "cuda" else None, "bfloat16": torch.bfloat16,
              "float16": torch.float16, "float32": torch.float32}[args.dtype]
     try:

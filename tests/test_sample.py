@@ -6,6 +6,7 @@ import os
 import pytest
 import torch
 
+import data
 import model as M
 import reference as R
 import sample as S
@@ -313,13 +314,12 @@ def test_static_shape_decode_path_gives_the_same_tokens(pair, monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The command line (needs data.py: the processor, tokenizer and chat template)
+# The command line
 # ---------------------------------------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory, pair):
-    data = pytest.importorskip("data")
     from PIL import Image
 
     path = tmp_path_factory.mktemp("ckpt")
@@ -341,7 +341,6 @@ def cli(*argv, stdin=""):
 def test_reply_printer_shows_thinking_answer_and_box():
     import io
 
-    data = pytest.importorskip("data")
     tok = data.tiny_tokenizer()
     reply = "<think>hmm, é?</think><answer>It is <|begin_of_box|>42<|end_of_box|>.</answer><|user|>"
     out = io.StringIO()
@@ -354,7 +353,6 @@ def test_reply_printer_shows_thinking_answer_and_box():
 
 
 def test_cli_prompt_with_an_image_gives_the_generated_reply(checkpoint, pair):
-    data = pytest.importorskip("data")
     ours, _ = pair
     tok = data.load_tokenizer(checkpoint)
     image = checkpoint / "photo.png"
@@ -375,7 +373,6 @@ def test_cli_prompt_with_an_image_gives_the_generated_reply(checkpoint, pair):
 
 
 def test_cli_interactive_chat_keeps_the_history(checkpoint, monkeypatch):
-    data = pytest.importorskip("data")
     prompts = []
     real = S.generate_stream
 
