@@ -125,7 +125,7 @@ def compiled_decode_step():
     layer, which is most of a batch-1 step's time on a GPU."""
     global _compiled_decode_step
     if _compiled_decode_step is None:
-        _compiled_decode_step = torch.compile(decode_step, mode="reduce-overhead", fullgraph=True)
+        _compiled_decode_step = torch.compile(decode_step, mode="reduce-overhead", fullgraph=True, dynamic=False)
     return _compiled_decode_step
 
 
@@ -540,32 +540,43 @@ def bench_sample(device="cpu"):
                  ("decode, tiny width, batch 1, torch.compile", tiny, torch.float32, 1, 32, 128, 5, True),
                  ("decode, tiny width, batch 8", tiny, torch.float32, 8, 32, 128, 3, False)]
     rows, models = [], {}
-    for name, cfg, dtype, batch, prompt_len, new_tokens, repeats, compile in cases:
-        key = (cfg.hidden_size, cfg.num_hidden_layers, dtype)
-        if key not in models:
-            models.clear()
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-            torch.manual_seed(0)
-            models[key] = _bench_models(cfg, device, dtype)
-        ours, ref = models[key]
-        rates = _decode_rates(ours, ref, batch, prompt_len, new_tokens, repeats, compile)
-        row = dict(name=name, ours=round(rates["ours"], 1), peer=round(rates["ref"], 1),
-                   ratio=round(rates["ours"] / rates["ref"], 2), units="decode tokens/s",
-                   peer_name="transformers generate()", device=str(device), batch=batch, prompt=prompt_len,
-                   new_tokens=new_tokens, compile=compile, threads=torch.get_num_threads())
-        if device.type == "cuda" and batch == 1:
-            # the bytes a decode step must read: decoder weights except the embedding table (one row is read)
-            weights = sum(p.numel() * p.element_size() for n, p in ours.named_parameters()
-                          if n.startswith(("model.language_model.layers", "model.language_model.norm", "lm_head")))
-            gpu = torch.cuda.get_device_name(device)
-            bandwidth = next((b for key, b in HBM_BYTES_PER_S.items() if key in gpu), None)
-            row.update(gpu=gpu, weight_gb=round(weights / 1e9, 2))
-            if bandwidth:
-                row.update(roofline=round(bandwidth / weights, 1),
-                           roofline_fraction=round(rates["ours"] * weights / bandwidth, 2))
-        rows.append(row)
+    threads = torch.get_num_threads()
+    if device.type == "cpu":  # thousands of tiny ops: one thread is faster for both, and steadier on a busy machine
+        torch.set_num_threads(1)
+    try:
+        for case in cases:
+            rows.append(_bench_case(device, models, *case))
+    finally:
+        torch.set_num_threads(threads)
     return rows
+
+
+def _bench_case(device, models, name, cfg, dtype, batch, prompt_len, new_tokens, repeats, compile):
+    """One bench row; `models` keeps the last (ours, reference) pair for cases that share it."""
+    key = (cfg.hidden_size, cfg.num_hidden_layers, dtype)
+    if key not in models:
+        models.clear()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        torch.manual_seed(0)
+        models[key] = _bench_models(cfg, device, dtype)
+    ours, ref = models[key]
+    rates = _decode_rates(ours, ref, batch, prompt_len, new_tokens, repeats, compile)
+    row = dict(name=name, ours=round(rates["ours"], 1), peer=round(rates["ref"], 1),
+               ratio=round(rates["ours"] / rates["ref"], 2), units="decode tokens/s",
+               peer_name="transformers generate()", device=str(device), batch=batch, prompt=prompt_len,
+               new_tokens=new_tokens, compile=compile, threads=torch.get_num_threads())
+    if device.type == "cuda" and batch == 1:
+        # the bytes a decode step must read: decoder weights except the embedding table (one row is read)
+        weights = sum(p.numel() * p.element_size() for n, p in ours.named_parameters()
+                      if n.startswith(("model.language_model.layers", "model.language_model.norm", "lm_head")))
+        gpu = torch.cuda.get_device_name(device)
+        bandwidth = next((b for key, b in HBM_BYTES_PER_S.items() if key in gpu), None)
+        row.update(gpu=gpu, weight_gb=round(weights / 1e9, 2))
+        if bandwidth:
+            row.update(roofline=round(bandwidth / weights, 1),
+                       roofline_fraction=round(rates["ours"] * weights / bandwidth, 2))
+    return row
 
 
 if __name__ == "__main__":
