@@ -72,13 +72,18 @@ def padded_batch(rows, side="left"):
     return ids, mask
 
 
-def mixed_batch():
-    """Three rows of different lengths: two images of different grids and a text-only row."""
-    grid = torch.tensor([[1, 4, 4], [1, 2, 6]])
+def mixed_batch(video=True):
+    """Rows of different lengths: two images of different grids, a text-only row and (unless video=False; the
+    reference cannot take images and videos in one call) a video."""
+    grid, video_grid = torch.tensor([[1, 4, 4], [1, 2, 6]]), torch.tensor([[2, 4, 2]])
     rows = [text("short ") + R.image_tokens(CFG, 1, 4, 4),
             text("a much longer first prompt ") + R.image_tokens(CFG, 1, 2, 6) + text(" ok"),
             text("text only row")]
-    return rows, dict(pixel_values=R.patches(CFG, grid, 3), image_grid_thw=grid)
+    vision = dict(pixel_values=R.patches(CFG, grid, 3), image_grid_thw=grid)
+    if video:
+        rows.append(text("clip ") + R.video_tokens(CFG, 2, 4, 2, [0, 3], text))
+        vision.update(pixel_values_videos=R.patches(CFG, video_grid, 4), video_grid_thw=video_grid)
+    return rows, vision
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -108,9 +113,22 @@ def test_greedy_matches_reference_batch_1(pair, kind):
     assert_decisive(ours, ids, None, ours_new, **vision)
 
 
+def test_greedy_matches_reference_padded_video_batch(pair):
+    ours, ref = pair
+    grid = torch.tensor([[2, 4, 2], [3, 2, 4]])
+    rows = [text("first clip ") + R.video_tokens(CFG, 2, 4, 2, [0, 3], text) + text(" what happens?"),
+            text("a text row"),
+            R.video_tokens(CFG, 3, 2, 4, [1, 5, 9], text)]
+    ids, mask = padded_batch(rows)
+    vision = dict(pixel_values_videos=R.patches(CFG, grid, 5), video_grid_thw=grid)
+    new = S.generate(ours, ids, 16, attention_mask=mask, **vision)
+    assert torch.equal(new, reference_generate(ref, ids, mask, 16, **vision))
+    assert_decisive(ours, ids, mask, new, **vision)
+
+
 def test_greedy_matches_reference_padded_batch_with_per_row_stops(pair, monkeypatch):
     ours, ref = pair
-    rows, vision = mixed_batch()
+    rows, vision = mixed_batch(video=False)
     ids, mask = padded_batch(rows)
     n = 24
     free = S.generate(ours, ids, n, attention_mask=mask, **vision)
@@ -124,24 +142,24 @@ def test_greedy_matches_reference_padded_batch_with_per_row_stops(pair, monkeypa
         return int(hits[0]) if len(hits) else n
 
     seen = free.unique().tolist()
-    candidates = [(sorted(end(r, [a, b]) for r in range(3)), (a, b)) for a in seen for b in seen if a < b]
-    ends, stop = max(c for c in candidates if c[0][2] == n and c[0][0] < c[0][1] < n)
+    candidates = [(sorted(end(r, [a, b]) for r in range(len(rows))), (a, b)) for a in seen for b in seen if a < b]
+    ends, stop = max(c for c in candidates if c[0][-1] == n and c[0][0] < c[0][1] < n)
     eos = stop + CFG.eos_token_ids
     monkeypatch.setattr(ours, "cfg", dataclasses.replace(CFG, eos_token_ids=eos))
     stopped = S.generate(ours, ids, n, attention_mask=mask, **vision)
     assert torch.equal(stopped, reference_generate(ref, ids, mask, n, eos=eos, **vision))
-    for r in range(3):  # the stop token is kept, then padding
+    for r in range(len(rows)):  # the stop token is kept, then padding
         e = end(r, list(stop))
         assert torch.equal(stopped[r, :e + 1], free[r, :e + 1])
         assert (stopped[r, e + 1:] == CFG.pad_token_id).all()
     # generation ends with the longest row: all rows stopping early shortens the result
     monkeypatch.setattr(ours, "cfg", dataclasses.replace(CFG, eos_token_ids=tuple(free[:, 0].tolist())))
-    assert S.generate(ours, ids, n, attention_mask=mask, **vision).shape == (3, 1)
+    assert S.generate(ours, ids, n, attention_mask=mask, **vision).shape == (len(rows), 1)
     # the same when the device is asked only every 8 steps (as on a GPU) and the extra steps are cut off
     monkeypatch.setitem(S.STOP_CHECK_EVERY, "cpu", 8)
     steps = list(S.generate_stream(ours, ids, n, attention_mask=mask, **vision))
     assert len(steps) == 8 and (torch.stack([t for t, _ in steps[1:]]) == CFG.pad_token_id).all()
-    assert S.generate(ours, ids, n, attention_mask=mask, **vision).shape == (3, 1)
+    assert S.generate(ours, ids, n, attention_mask=mask, **vision).shape == (len(rows), 1)
     monkeypatch.setattr(ours, "cfg", dataclasses.replace(CFG, eos_token_ids=eos))
     assert torch.equal(S.generate(ours, ids, n, attention_mask=mask, **vision), stopped)
 
@@ -213,7 +231,7 @@ def test_seeded_sampling_is_reproducible_and_stays_in_the_nucleus(pair):
     assert torch.equal(a, b) and torch.equal(lp_a, lp_b)
     assert not torch.equal(a, c)
     alive = torch.ones_like(a, dtype=torch.bool)
-    for r in range(3):  # only steps up to a row's stop count
+    for r in range(len(rows)):  # only steps up to a row's stop count
         stops = torch.isin(a[r], torch.tensor(CFG.eos_token_ids)).nonzero()
         if len(stops):
             alive[r, int(stops[0]) + 1:] = False
