@@ -167,8 +167,8 @@ def test_greedy_matches_reference_padded_batch_with_per_row_stops(pair, monkeypa
 def test_right_padding_gives_the_same_tokens(pair):
     ours, _ = pair
     rows, vision = mixed_batch()
-    left = S.generate(ours, *padded_batch(rows, "left")[:1], 10, attention_mask=padded_batch(rows, "left")[1],
-                      **vision)
+    ids, mask = padded_batch(rows, "left")
+    left = S.generate(ours, ids, 10, attention_mask=mask, **vision)
     ids, mask = padded_batch(rows, "right")
     assert torch.equal(S.generate(ours, ids, 10, attention_mask=mask, **vision), left)
     # a row alone gives what it gives in the batch
