@@ -219,8 +219,16 @@ class Attention(nn.Module):
         else:
             q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
             k, v = self.kv_cache.update(input_pos, k, v)
-            out = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=cache_mask,
-                                                 enable_gqa=True).transpose(1, 2)
+            S = cache_mask.shape[-1]  # the slots the mask covers
+            k, v = k[:, :, :S].to(q.dtype), v[:, :, :S].to(q.dtype)
+            B, H, T, D = q.shape
+            if T == 1:  # decode: the H/Hkv query heads of a KV head form one block of rows; no KV head copies
+                out = F.scaled_dot_product_attention(q.reshape(B, self.num_kv_heads, H // self.num_kv_heads, D),
+                                                     k, v, attn_mask=cache_mask)  # (B, Hkv, H/Hkv, D)
+                out = out.reshape(B, H, 1, D)
+            else:
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=cache_mask, enable_gqa=True)
+            out = out.transpose(1, 2)
         return self.o_proj(out.flatten(-2))
 
 
@@ -396,24 +404,33 @@ class GLM4V(nn.Module):
     # --- generation with a static KV cache (used by sample.py) ---------------------------------------------
 
     def setup_caches(self, batch_size: int, max_seq_len: int, dtype=None):
+        """Static KV caches for `batch_size` rows of `max_seq_len` slots. Calling it again with the same shapes
+        keeps the buffers (so a compiled / CUDA-graphed decode step stays valid) and only resets the slot mask."""
         device, dtype = self.lm_head.weight.device, dtype or self.lm_head.weight.dtype
-        for layer in self.model.language_model.layers:
-            layer.self_attn.kv_cache = KVCache(batch_size, max_seq_len, self.cfg.num_key_value_heads,
-                                               self.cfg.head_dim, dtype, device)
-        self.cache_mask = torch.zeros(batch_size, max_seq_len, dtype=torch.bool, device=device)
+        cache = self.model.language_model.layers[0].self_attn.kv_cache
+        if cache is None or cache.k.shape[0] != batch_size or cache.k.shape[2] != max_seq_len or \
+                cache.k.dtype != dtype or cache.k.device != device:
+            for layer in self.model.language_model.layers:
+                layer.self_attn.kv_cache = KVCache(batch_size, max_seq_len, self.cfg.num_key_value_heads,
+                                                   self.cfg.head_dim, dtype, device)
+            self.cache_mask = torch.ones(batch_size, max_seq_len, dtype=torch.bool, device=device)
+        self.cache_mask.fill_(True)  # a slot is visible unless a prefill marks it as padding
 
-    def forward_cached(self, x, position_ids, input_pos, valid=None):
+    def forward_cached(self, x, position_ids, input_pos, valid=None, last_only=False, kv_len=None):
         """One prefill or decode step over embeddings x (B, T, C) written at cache slots input_pos (T,).
-        `valid` (B, T) marks real tokens (False for left padding). Returns logits (B, T, vocab)."""
-        B, T = x.shape[:2]
-        valid = torch.ones(B, T, dtype=torch.bool, device=x.device) if valid is None else valid
-        self.cache_mask[:, input_pos] = valid
-        S = self.cache_mask.shape[1]
+        `valid` (B, T) marks real tokens (False for left padding); None leaves those slots marked real, so a
+        decode step writes no mask. Attention reads the first `kv_len` slots (default: all, a static shape for
+        compiled decoding; eager decoding passes the filled length and skips the empty rest).
+        Returns logits (B, T, vocab), or (B, 1, vocab) for the last position only with `last_only` (a long prefill
+        never materialises T × vocab logits)."""
+        if valid is not None:
+            self.cache_mask[:, input_pos] = valid
+        S = kv_len or self.cache_mask.shape[1]
         causal = torch.arange(S, device=x.device)[None, :] <= input_pos[:, None]  # (T, S)
-        mask = (self.cache_mask[:, None, :] & causal[None]).unsqueeze(1)  # (B, 1, T, S)
+        mask = (self.cache_mask[:, None, :S] & causal[None]).unsqueeze(1)  # (B, 1, T, S)
         mask = mask | ~mask.any(-1, keepdim=True)  # a padding query row attends somewhere: no NaNs, output unused
         h = self.model.language_model(x, position_ids, input_pos=input_pos, cache_mask=mask)
-        return self.lm_head(h)
+        return self.lm_head(h[:, -1:] if last_only else h)
 
     # --- checkpoint I/O ------------------------------------------------------------------------------------
 

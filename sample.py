@@ -1,0 +1,583 @@
+"""Generation for GLM-4.1V-Thinking: a static KV cache, one forward per token, images and video, thinking on/off.
+
+    python sample.py --checkpoint DIR --prompt "What is in the picture?" --image cat.png
+    python sample.py --checkpoint DIR                      # interactive multi-turn chat
+
+Choices made here (gpt-fast style, no framework):
+- **Static KV cache.** `model.setup_caches(B, S)` preallocates every layer's keys/values for S slots (S rounded
+  up to 256 so that later calls reuse them). The prompt is prefilled in forwards of up to 2048 tokens (vision
+  encoded once, its features in place of the placeholders); then each decode step feeds one token per row at
+  slot T + k. Eagerly, attention reads only the filled slots. Compiled, decode shapes never change (attention
+  covers the whole cache, masked), so the step is CUDA-graphed (`torch.compile(mode="reduce-overhead")`, on by
+  default on CUDA, opt-in on CPU where compiling takes a minute); on a GPU the host asks "have all rows ended?"
+  only every 8 steps so that it can queue work ahead.
+- **Batches are left-padded.** Rows of any padding side (or holes) are re-packed so that every row's real tokens
+  end at the last column; the new tokens of all rows then share one cache slot per step. Padding slots are masked.
+- **3D positions continue from each row's prompt** (paper §2): the prefill positions come from
+  `rope2d.get_rope_index`, and the k-th new token of a row with L real prompt tokens sits at L + k + delta on all
+  three axes (t, h, w), i.e. right after the prompt's largest position.
+- **Sampling.** temperature 0 is greedy (argmax, the same tokens as `transformers` `generate(do_sample=False)`).
+  Otherwise softmax(logits / temperature), top-p keeps the smallest set of most likely tokens whose mass reaches
+  top_p, and the token is drawn with the exponential race argmax(p / E), E ~ Exp(1) — an exact draw from p with
+  no host sync, reproducible with a seeded `torch.Generator`.
+- **Per-row stopping.** A row ends at any of `cfg.eos_token_ids` (the eos token is kept); afterwards it is filled
+  with `cfg.pad_token_id`. Generation stops when every row has ended, so the result is (B, n) with n ≤
+  max_new_tokens the longest row, as in `transformers`.
+- **Force answering** (paper §5): with `think_budget`, a row that has generated that many tokens without closing
+  `</think>` gets `force_answer_ids` (the ids of `</think><answer>`) appended, one per step, and then answers.
+- **Log-probs** (for RL): optionally the log-prob of every chosen token under the temperature-scaled distribution
+  (before top-p truncation; temperature 0 counts as 1); forced tokens get the model's log-prob too.
+"""
+import argparse
+import contextlib
+import dataclasses
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+import data
+import model as M
+import rope2d
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sampling
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Zero every token outside the nucleus: keep a token when the mass of the tokens more likely than it is still
+    below top_p (so the most likely token is always kept). probs (B, V), rows sum to 1."""
+    sorted_probs, order = probs.sort(-1, descending=True)
+    mass_before = sorted_probs.cumsum(-1) - sorted_probs
+    sorted_probs = sorted_probs.masked_fill(mass_before >= top_p, 0.0)
+    return torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+
+
+def sample_tokens(logits: torch.Tensor, temperature: float, top_p: float, generator=None) -> torch.Tensor:
+    """Next token of each row (B,) from fp32 logits (B, V)."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    probs = F.softmax(logits / temperature, dim=-1)
+    if top_p < 1.0:
+        probs = top_p_filter(probs, top_p)
+    # exponential race: P(argmax_i p_i / E_i = j) = p_j for E_i ~ Exp(1); no torch.multinomial host sync
+    race = torch.empty_like(probs).exponential_(generator=generator).clamp_min_(1e-20)
+    return (probs / race).argmax(-1)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Prompts and the decode step
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def left_pad(input_ids: torch.Tensor, attention_mask, pad_token_id: int):
+    """Move each row's real tokens (attention_mask 1) to the right end, keeping their order; drop columns that are
+    padding in every row. Returns ids (B, T) and the real-token mask (B, T) bool."""
+    if attention_mask is None:
+        return input_ids, torch.ones_like(input_ids, dtype=torch.bool)
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError(f"attention_mask {tuple(attention_mask.shape)} must have the shape of input_ids "
+                         f"{tuple(input_ids.shape)}")
+    keep = attention_mask.bool()
+    lengths = keep.sum(-1)
+    if (lengths == 0).any():
+        raise ValueError(f"rows {torch.nonzero(lengths == 0).flatten().tolist()} of the batch have no tokens "
+                         "(attention_mask is all 0)")
+    order = keep.to(torch.int8).sort(dim=-1, stable=True).indices  # padding first, real tokens after, in order
+    keep = keep.gather(1, order)
+    ids = input_ids.gather(1, order).masked_fill(~keep, pad_token_id)
+    T = int(lengths.max())
+    return ids[:, -T:], keep[:, -T:]
+
+
+def decode_step(model: M.GLM4V, tokens: torch.Tensor, position_ids: torch.Tensor, input_pos: torch.Tensor,
+                kv_len=None):
+    """One new token per row: tokens (B, 1) at 3D positions (3, B, 1) into cache slot input_pos (1,) → fp32
+    logits (B, V). Generated tokens are plain text to the model (never vision placeholders), as in the reference.
+    kv_len: attend to that many cache slots (eager), or to the whole static cache (None, compiled)."""
+    x = model.model.language_model.embed_tokens(tokens)
+    return model.forward_cached(x, position_ids, input_pos, kv_len=kv_len)[:, -1].float()
+
+
+_compiled_decode_step = None
+
+
+@contextlib.contextmanager
+def plain_torch_kernels():
+    """Run (and trace) the compiled decode step through kernels.py's plain-PyTorch paths: inductor fuses those
+    ops into Triton kernels of its own, while the hand-written kernels are autograd Functions made for eager use."""
+    before = os.environ.get("GLM4V_KERNELS")
+    os.environ["GLM4V_KERNELS"] = "torch"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["GLM4V_KERNELS"]
+        else:
+            os.environ["GLM4V_KERNELS"] = before
+
+
+def compiled_decode_step():
+    """decode_step compiled once per process (gpt-fast): CUDA graphs remove the launch overhead of ~20 kernels per
+    layer, which is most of a batch-1 step's time on a GPU."""
+    global _compiled_decode_step
+    if _compiled_decode_step is None:
+        _compiled_decode_step = torch.compile(decode_step, mode="reduce-overhead", fullgraph=True, dynamic=False)
+    return _compiled_decode_step
+
+
+CACHE_ROUNDING = 256  # cache lengths are rounded up, so calls with similar lengths reuse buffers and graphs
+PREFILL_CHUNK = 2048  # prompt tokens per prefill forward
+STOP_CHECK_EVERY = {"cpu": 1, "cuda": 8}  # decode steps between "have all rows ended?" host syncs
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# generate
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def generate_stream(model: M.GLM4V, input_ids, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
+                    pixel_values=None, image_grid_thw=None, pixel_values_videos=None, video_grid_thw=None,
+                    attention_mask=None, *, generator=None, think_budget=None, force_answer_ids=None,
+                    return_logprobs=False, compile=None, max_seq_len=None):
+    """Like `generate`, but yields each step as it comes: (tokens (B,), logprobs (B,) or None). Stops after the
+    step in which the last row ended (on a GPU up to STOP_CHECK_EVERY - 1 all-padding steps later)."""
+    cfg = model.cfg
+    device = model.lm_head.weight.device
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if think_budget is not None and not force_answer_ids:
+        raise ValueError("think_budget needs force_answer_ids: the token ids of '</think><answer>' to insert")
+    if think_budget is not None and think_budget < 0:
+        raise ValueError(f"think_budget must be >= 0, got {think_budget}")
+    ids, keep = left_pad(input_ids.to(device), None if attention_mask is None else attention_mask.to(device),
+                         cfg.pad_token_id)
+    B, T = ids.shape
+    max_seq_len = max_seq_len or cfg.max_position_embeddings
+    if T >= max_seq_len:
+        raise ValueError(f"the prompt has {T} tokens but the context holds {max_seq_len} "
+                         "(max_position_embeddings or --max-seq-len): shorten it, or use fewer or smaller images")
+    max_new_tokens = min(max_new_tokens, max_seq_len - T)
+    if max_new_tokens <= 0:
+        return
+    compile = device.type == "cuda" if compile is None else compile
+    step = compiled_decode_step() if compile else decode_step
+
+    # prefill: vision encoded once, the prompt written into the cache chunk by chunk
+    S = min(-(-(T + max_new_tokens) // CACHE_ROUNDING) * CACHE_ROUNDING, max_seq_len)
+    model.setup_caches(B, S)
+    pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw = (
+        None if t is None else t.to(device) for t in (pixel_values, image_grid_thw, pixel_values_videos,
+                                                      video_grid_thw))
+    x = model.embed(ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)
+    position_ids, deltas = rope2d.get_rope_index(ids, image_grid_thw, video_grid_thw, keep,
+                                                 **cfg.rope_index_kwargs())
+    for start in range(0, T, PREFILL_CHUNK):  # chunks bound the (T × S) attention scores of a long prompt
+        end = min(start + PREFILL_CHUNK, T)
+        logits = model.forward_cached(x[:, start:end], position_ids[..., start:end],
+                                      torch.arange(start, end, device=device), keep[:, start:end], last_only=True,
+                                      kv_len=end)
+    logits = logits[:, -1].float()
+
+    # decode state, all on the device; the host only reads `done`
+    next_position = keep.sum(-1) + deltas[:, 0]  # (B,) the position of each row's first new token
+    input_pos = torch.tensor([T], device=device)
+    eos = torch.tensor(cfg.eos_token_ids, device=device)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    # "have all rows ended?" waits for the device; on a GPU ask every few steps so it can run ahead
+    check_every = STOP_CHECK_EVERY.get(device.type, 1)
+    if think_budget is not None:  # paper §5 force answering
+        forced_ids = torch.tensor(list(force_answer_ids), device=device)
+        thinking = torch.ones(B, dtype=torch.bool, device=device)  # no </think> yet
+        force_at = torch.zeros(B, dtype=torch.long, device=device)  # index into forced_ids of the next forced token
+    for k in range(max_new_tokens):
+        tokens = sample_tokens(logits, temperature, top_p, generator)
+        if think_budget is not None:
+            forcing = (thinking & (k >= think_budget)) | (force_at > 0)
+            tokens = torch.where(forcing, forced_ids[force_at], tokens)
+            force_at = torch.where(forcing, (force_at + 1) % len(forced_ids), force_at)
+            thinking &= tokens != forced_ids[0]
+        tokens = tokens.masked_fill(done, cfg.pad_token_id)
+        logprobs = None
+        if return_logprobs:
+            logprobs = F.log_softmax(logits / (temperature or 1.0), -1).gather(-1, tokens[:, None])[:, 0]
+            logprobs = logprobs.masked_fill(done, 0.0)
+        done |= torch.isin(tokens, eos)
+        yield tokens, logprobs
+        if k + 1 == max_new_tokens or ((k + 1) % check_every == 0 and bool(done.all())):
+            return
+        positions = (next_position + k).view(1, B, 1).expand(3, B, 1).contiguous()
+        if compile:  # static shapes; a CUDA graph's output buffer is overwritten by the next replay: copy it
+            with plain_torch_kernels():
+                logits = step(model, tokens[:, None], positions, input_pos).clone()
+        else:
+            logits = step(model, tokens[:, None], positions, input_pos, T + k + 1)
+        input_pos += 1
+
+
+def generate(model: M.GLM4V, input_ids, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
+             pixel_values=None, image_grid_thw=None, pixel_values_videos=None, video_grid_thw=None,
+             attention_mask=None, *, generator=None, think_budget=None, force_answer_ids=None,
+             return_logprobs=False, compile=None, max_seq_len=None):
+    """New tokens (B, n), n ≤ max_new_tokens, for a batch of prompts input_ids (B, T) with optional padding
+    (attention_mask, either side) and the vision inputs of `model(...)`.
+
+    temperature 0 = greedy; otherwise sampled with top_p, reproducibly when `generator` (a torch.Generator on the
+    model's device) is given. Rows end at cfg.eos_token_ids and are then filled with cfg.pad_token_id.
+    think_budget + force_answer_ids: force answering after that many tokens without `</think>` (paper §5).
+    return_logprobs: also return (B, n) fp32 log-probs of the chosen tokens (0 after a row's end).
+    compile: torch.compile the decode step (default: on CUDA). max_seq_len: the context (default
+    cfg.max_position_embeddings); a longer prompt is an error and max_new_tokens is capped to what fits."""
+    steps = list(generate_stream(model, input_ids, max_new_tokens, temperature, top_p, pixel_values, image_grid_thw,
+                                 pixel_values_videos, video_grid_thw, attention_mask, generator=generator,
+                                 think_budget=think_budget, force_answer_ids=force_answer_ids,
+                                 return_logprobs=return_logprobs, compile=compile, max_seq_len=max_seq_len))
+    B, device = input_ids.shape[0], model.lm_head.weight.device
+    tokens = torch.stack([t for t, _ in steps], 1) if steps else torch.zeros(B, 0, dtype=torch.long, device=device)
+    ended = torch.isin(tokens, torch.tensor(model.cfg.eos_token_ids, device=device))
+    n = int(torch.where(ended.any(1), ended.int().argmax(1) + 1, tokens.shape[1]).max()) if steps else 0
+    tokens = tokens[:, :n]  # up to the end of the longest row
+    if not return_logprobs:
+        return tokens
+    logprobs = torch.stack([lp for _, lp in steps], 1)[:, :n] if steps else torch.zeros(B, 0, device=device)
+    return tokens, logprobs
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The command line: chat with a checkpoint
+# ---------------------------------------------------------------------------------------------------------------
+
+EOS_STRINGS = ("<|endoftext|>", "<|user|>", "<|observation|>")
+
+
+def load(checkpoint: str, device="cpu", dtype=None):
+    """(model, tokenizer) from a checkpoint directory: config.json, model.safetensors (or shards), tokenizer.json."""
+    if not os.path.isdir(checkpoint):
+        raise FileNotFoundError(f"checkpoint directory not found: {checkpoint}")
+    for name in ("config.json", "tokenizer.json"):
+        if not os.path.exists(os.path.join(checkpoint, name)):
+            raise FileNotFoundError(f"{checkpoint} has no {name} (a checkpoint directory holds config.json, "
+                                    "model.safetensors and tokenizer.json)")
+    model = M.GLM4V.from_pretrained(checkpoint, dtype=dtype, device=device)
+    tokenizer = data.load_tokenizer(checkpoint)
+    if tokenizer.vocab_size > model.cfg.vocab_size:
+        raise ValueError(f"{checkpoint}: tokenizer.json has {tokenizer.vocab_size} tokens but the model only "
+                         f"{model.cfg.vocab_size}")
+    return model, tokenizer
+
+
+class ReplyPrinter:
+    """Prints a reply as its tokens arrive: the reasoning under "Thinking", the reply under "Answer", the boxed final
+    answer highlighted (bold on a terminal, **…** otherwise), end-of-turn tokens hidden."""
+
+    def __init__(self, tokenizer, out=sys.stdout, color=None):
+        self.tokenizer, self.out = tokenizer, out
+        color = out.isatty() if color is None else color
+        dim, bold, reset = ("\x1b[2m", "\x1b[1m", "\x1b[0m") if color else ("", "**", "**")
+        self.styles = {"<think>": "Thinking:\n" + dim, "</think>": (reset if color else "") + "\n\nAnswer:\n",
+                       "<answer>": "", "</answer>": "", "<|begin_of_box|>": bold, "<|end_of_box|>": reset,
+                       **{s: "" for s in EOS_STRINGS}}
+        self.reset = reset if color else ""
+        self.pending, self.text = [], ""
+
+    def add(self, token_ids, flush=False):
+        """Print what `token_ids` add, holding back an incomplete UTF-8 character until its last byte arrives."""
+        self.pending += list(token_ids)
+        piece = self.tokenizer.decode(self.pending)
+        if piece.endswith("\ufffd") and not flush:
+            return
+        self.pending = []
+        self.text += piece
+        for tag, style in self.styles.items():
+            piece = piece.replace(tag, style)
+        self.out.write(piece)
+        self.out.flush()
+
+    def finish(self):
+        """End the reply; prints the boxed answer once more on its own line. Returns the reply text."""
+        self.add([], flush=True)
+        box = boxed_answer(self.text)
+        self.out.write(self.reset + ("\n\nBoxed answer: " + box if box is not None else "") + "\n")
+        self.out.flush()
+        return self.text
+
+
+def boxed_answer(reply: str):
+    """The text inside the last <|begin_of_box|>…<|end_of_box|> of a reply, or None."""
+    start = reply.rfind("<|begin_of_box|>")
+    end = reply.find("<|end_of_box|>", start)
+    return reply[start + len("<|begin_of_box|>"):end].strip() if start >= 0 and end >= 0 else None
+
+
+def chat_history_reply(reply: str) -> str:
+    """What a reply contributes to the next turn's prompt: its answer without the reasoning or end token."""
+    for s in EOS_STRINGS:
+        reply = reply.replace(s, "")
+    return reply.split("</think>", 1)[1].lstrip() if "</think>" in reply else reply
+
+
+class Chat:
+    """A conversation: messages plus the images and videos they refer to (processed once, in order)."""
+
+    def __init__(self, model, tokenizer, args, out=sys.stdout):
+        self.model, self.tokenizer, self.args, self.out = model, tokenizer, args, out
+        device = model.lm_head.weight.device
+        self.generator = torch.Generator(device).manual_seed(args.seed)
+        self.compile_notice = args.compile or (args.compile is None and device.type == "cuda")
+        self.reset()
+
+    def reset(self):
+        self.messages, self.images, self.videos = [], [], []
+
+    def ask(self, prompt: str, images=(), videos=()) -> str:
+        images = [data.process_image(path) for path in images]  # errors name the file
+        videos = [data.process_video(path) for path in videos]
+        content = [{"type": "image"}] * len(images) + [{"type": "video"}] * len(videos) + \
+            [{"type": "text", "text": prompt}]
+        messages = self.messages + [{"role": "user", "content": content}]
+        inputs = data.render_chat(messages, self.tokenizer, images=self.images + images,
+                                  videos=self.videos + videos, thinking=not self.args.no_think)
+        device = self.model.lm_head.weight.device
+        vision = {k: None if inputs[k] is None else inputs[k].to(device)
+                  for k in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")}
+        budget = None if self.args.no_think else self.args.think_budget
+        force = self.tokenizer.encode("</think><answer>") if budget is not None else None
+        stream = generate_stream(self.model, inputs["input_ids"][None].to(device), self.args.max_new_tokens,
+                                 self.args.temperature, self.args.top_p, **vision, generator=self.generator,
+                                 think_budget=budget, force_answer_ids=force, compile=self.args.compile,
+                                 max_seq_len=self.args.max_seq_len)
+        if self.compile_notice:
+            print("(compiling the decode step for this shape: the first reply takes a minute longer)",
+                  file=sys.stderr)
+            self.compile_notice = False
+        printer = ReplyPrinter(self.tokenizer, self.out)
+        if self.args.no_think:
+            self.out.write("Answer:\n")
+        if self.args.stream or self.args.prompt is None:  # a chat always streams
+            for tokens, _ in stream:
+                printer.add(tokens.tolist())
+        else:
+            printer.add([t for tokens, _ in stream for t in tokens.tolist()])
+        reply = printer.finish()
+        self.messages = messages + [{"role": "assistant", "content": chat_history_reply(reply)}]
+        self.images += images
+        self.videos += videos
+        return reply
+
+
+def interactive(chat: Chat, images=(), videos=(), stdin=sys.stdin):
+    """A multi-turn chat on the terminal. /image PATH and /video PATH attach files to the next message."""
+    out = chat.out
+    out.write("Chat with GLM-4.1V. /image PATH or /video PATH attaches a file to your next message, /reset starts "
+              "over, /quit (or Ctrl-D) ends.\n")
+    images, videos = list(images), list(videos)
+    while True:
+        out.write("\nYou: ")
+        out.flush()
+        line = stdin.readline()
+        if not line or line.strip() in ("/quit", "/exit"):
+            out.write("\n")
+            return
+        line = line.strip()
+        if not line:
+            continue
+        if line == "/reset":
+            chat.reset()
+            images, videos = [], []
+            continue
+        if line.startswith(("/image ", "/video ")):
+            path = line.split(" ", 1)[1].strip()
+            if not os.path.exists(path):
+                out.write(f"error: file not found: {path}\n")
+            else:
+                (images if line.startswith("/image") else videos).append(path)
+            continue
+        out.write("\nGLM-4.1V:\n")
+        try:
+            chat.ask(line, images, videos)
+        except (FileNotFoundError, ValueError, ImportError) as e:
+            out.write(f"error: {e}\n")
+        except KeyboardInterrupt:  # Ctrl-C stops the reply (it is left out of the history), not the chat
+            out.write("\n(interrupted)\n")
+        images, videos = [], []
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Chat with a GLM-4.1V checkpoint (images, video, thinking on/off). "
+                                "Without --prompt: an interactive multi-turn chat.")
+    p.add_argument("--checkpoint", required=True, help="directory with config.json, model.safetensors, tokenizer.json")
+    p.add_argument("--prompt", help="the question; omit it for an interactive chat")
+    p.add_argument("--image", action="append", default=[], help="an image file for the prompt (repeatable)")
+    p.add_argument("--video", action="append", default=[],
+                   help="a video for the prompt: mp4 (needs PyAV), animated GIF or a folder of frames (repeatable)")
+    p.add_argument("--no-think", action="store_true", help="answer without reasoning (prefills <think></think>)")
+    p.add_argument("--max-new-tokens", type=int, default=2048, help="the longest reply, in tokens")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: keep the most likely tokens up to "
+                   "this probability mass")
+    p.add_argument("--seed", type=int, default=0, help="random seed for sampling")
+    p.add_argument("--stream", action="store_true", help="print tokens as they are generated (always on in a chat)")
+    p.add_argument("--think-budget", type=int, help="force answering (paper §5): after this many reply tokens "
+                   "without </think>, insert </think><answer>")
+    p.add_argument("--max-seq-len", type=int, help="the context in tokens, prompt + reply "
+                   "(default: the model's max_position_embeddings)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    p.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"], default="auto",
+                   help="weights and activations (auto: bfloat16 on CUDA, the checkpoint's dtype on CPU)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile + CUDA graphs for decoding (default: on for CUDA)")
+    args = p.parse_args(argv)
+    for name in ("max_new_tokens", "max_seq_len"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.temperature < 0:
+        p.error("--temperature must be >= 0")
+    if not 0 < args.top_p <= 1:
+        p.error("--top-p must be in (0, 1]")
+    if args.think_budget is not None and args.think_budget < 0:
+        p.error("--think-budget must be >= 0")
+    return args
+
+
+def main(argv=None, stdin=sys.stdin, out=sys.stdout):
+    args = parse_args(argv)
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        sys.exit(f"error: unknown --device {args.device!r} (cpu, cuda, cuda:1, ...)")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        sys.exit("error: --device cuda, but this machine has no CUDA GPU (use --device cpu)")
+    dtype = {"auto": torch.bfloat16 if device.type == "cuda" else None, "bfloat16": torch.bfloat16,
+             "float16": torch.float16, "float32": torch.float32}[args.dtype]
+    try:
+        for path in args.image + args.video:
+            if not os.path.exists(path):
+                raise FileNotFoundError(f"file not found: {path}")
+        model, tokenizer = load(args.checkpoint, device, dtype)
+        chat = Chat(model, tokenizer, args, out)
+        if args.prompt is None:
+            interactive(chat, args.image, args.video, stdin)
+        else:
+            chat.ask(args.prompt, args.image, args.video)
+    except (FileNotFoundError, ValueError, ImportError) as e:
+        sys.exit(f"error: {e}")
+
+
+# --- benchmarks (called by bench.py) ---
+
+HBM_BYTES_PER_S = {"H100": 3.35e12, "H200": 4.8e12, "A100": 2.0e12}  # datasheet bandwidth, for the roofline
+
+
+def _bench_models(cfg: M.Config, device, dtype):
+    """Our model with fresh weights, and the `transformers` reference holding the same weights (test-only dep)."""
+    import transformers
+
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # build in the target dtype: no full-precision copy of a 9B model
+    try:
+        with torch.device(device):
+            ours = M.GLM4V(cfg).init_weights().eval()
+            ref = transformers.Glm4vForConditionalGeneration(transformers.Glm4vConfig(**cfg.to_hf())).eval()
+    finally:
+        torch.set_default_dtype(default)
+    ref.load_state_dict(ours.state_dict())
+    return ours, ref
+
+
+def _timed(fn):
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def _decode_rates(ours, ref, batch, prompt_len, new_tokens, repeats, compile):
+    """Decode tokens/s (all rows) of ours and of the reference generate(): the time for `new_tokens` minus the
+    time for 1 (the prefill), best of `repeats`, the two interleaved so that both see the same machine load."""
+    device = ours.lm_head.weight.device
+    ids = torch.randint(0, min(ours.cfg.vocab_size, 256), (batch, prompt_len), device=device,
+                        generator=torch.Generator(device).manual_seed(0))
+    mask = torch.ones_like(ids)
+    runs = {"ours": lambda n: generate(ours, ids, n, compile=compile),
+            "ref": lambda n: ref.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, do_sample=False)}
+    with torch.no_grad():
+        for name, fn in runs.items():  # warm up (and compile)
+            assert fn(new_tokens).shape[1] >= new_tokens, name
+        best = {name: [float("inf"), float("inf")] for name in runs}
+        for _ in range(repeats):
+            for name, fn in runs.items():
+                for i, n in enumerate((1, new_tokens)):
+                    best[name][i] = min(best[name][i], _timed(lambda: fn(n)))
+    return {name: batch * (new_tokens - 1) / (t[1] - t[0]) for name, t in best.items()}
+
+
+def bench_sample(device="cpu"):
+    """Decode throughput of `generate` vs the reference `generate()` on the same weights, in one run. CPU: the
+    tiny preset's width (hidden 256, 4 layers), eager and compiled. CUDA: compiled + CUDA graphs, the tiny width,
+    the released 9B at batch 1 (with its HBM roofline: every decode step reads all decoder weights) and a batch-64
+    rollout, bf16."""
+    device = torch.device(device)
+    tiny = dataclasses.replace(M.PRESETS["tiny"], eos_token_ids=())  # never stop early: equal work every run
+    big = dataclasses.replace(M.PRESETS["9b"], eos_token_ids=())
+    # (name, config, dtype, batch, prompt tokens, new tokens, repeats, compile)
+    if device.type == "cuda":
+        cases = [("decode, tiny width, batch 1", tiny, torch.float32, 1, 32, 128, 3, True),
+                 ("decode, 9B, bf16, batch 1", big, torch.bfloat16, 1, 128, 256, 3, True),
+                 ("rollout, 9B, bf16, batch 64", big, torch.bfloat16, 64, 256, 256, 2, True)]
+    else:
+        cases = [("decode, tiny width (hidden 256, 4 layers), batch 1", tiny, torch.float32, 1, 32, 128, 5, False),
+                 ("decode, tiny width, batch 1, torch.compile", tiny, torch.float32, 1, 32, 128, 5, True),
+                 ("decode, tiny width, batch 8", tiny, torch.float32, 8, 32, 128, 3, False)]
+    rows, models = [], {}
+    threads = torch.get_num_threads()
+    if device.type == "cpu":  # thousands of tiny ops: one thread is faster for both, and steadier on a busy machine
+        torch.set_num_threads(1)
+    try:
+        for case in cases:
+            rows.append(_bench_case(device, models, *case))
+    finally:
+        torch.set_num_threads(threads)
+    return rows
+
+
+def _bench_case(device, models, name, cfg, dtype, batch, prompt_len, new_tokens, repeats, compile):
+    """One bench row; `models` keeps the last (ours, reference) pair for cases that share it."""
+    key = (cfg.hidden_size, cfg.num_hidden_layers, dtype)
+    if key not in models:
+        models.clear()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        torch.manual_seed(0)
+        models[key] = _bench_models(cfg, device, dtype)
+    ours, ref = models[key]
+    rates = _decode_rates(ours, ref, batch, prompt_len, new_tokens, repeats, compile)
+    row = dict(name=name, ours=round(rates["ours"], 1), peer=round(rates["ref"], 1),
+               ratio=round(rates["ours"] / rates["ref"], 2), units="decode tokens/s",
+               peer_name="transformers generate()", device=str(device), batch=batch, prompt=prompt_len,
+               new_tokens=new_tokens, compile=compile, threads=torch.get_num_threads())
+    if device.type == "cuda" and batch == 1:
+        # the bytes a decode step must read: decoder weights except the embedding table (one row is read)
+        weights = sum(p.numel() * p.element_size() for n, p in ours.named_parameters()
+                      if n.startswith(("model.language_model.layers", "model.language_model.norm", "lm_head")))
+        gpu = torch.cuda.get_device_name(device)
+        bandwidth = next((b for key, b in HBM_BYTES_PER_S.items() if key in gpu), None)
+        row.update(gpu=gpu, weight_gb=round(weights / 1e9, 2))
+        if bandwidth:
+            row.update(roofline=round(bandwidth / weights, 1),
+                       roofline_fraction=round(rates["ours"] * weights / bandwidth, 2))
+    return row
+
+
+if __name__ == "__main__":
+    main()
