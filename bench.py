@@ -135,7 +135,14 @@ def bench_kernels(args) -> list:
     return kernels.bench_kernels(args.device)
 
 
-SECTIONS = {"vision": bench_vision, "kernels": bench_kernels, "data": bench_data, "rewards": bench_rewards}
+def bench_sample(args) -> list:
+    import sample
+
+    return sample.bench_sample(args.device)
+
+
+SECTIONS = {"vision": bench_vision, "kernels": bench_kernels, "sample": bench_sample, "data": bench_data,
+            "rewards": bench_rewards}
 COLUMNS = ("name", "ours", "peer", "ratio", "units")
 
 

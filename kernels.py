@@ -60,6 +60,8 @@ def use_triton(x: torch.Tensor) -> bool:
         raise ValueError(f"GLM4V_KERNELS must be 'torch' or 'triton', not {choice!r}")
     if choice == "torch" or (choice == "" and not x.is_cuda):
         return False
+    if torch.compiler.is_compiling():  # inductor generates its own fused kernels from the torch paths
+        return False
     if not x.is_cuda and not INTERPRETED:
         raise ValueError("GLM4V_KERNELS=triton on CPU tensors runs Triton's interpreter, which must be switched on "
                          "before triton is imported: set TRITON_INTERPRET=1 in the environment")
@@ -730,11 +732,20 @@ def rope_vision_triton(q, k, coords, theta=10000.0):
     return _Rope.apply(q, k, coords.T, _vision_inv_freq(head_dim, theta, q.device), sections, False, False)
 
 
-def rope_vision(q, k, coords, theta=10000.0):
-    """Vision 2D-RoPE for q, k (N, H, D) at patch coords (N, 2)."""
-    if use_triton(q):
-        return rope_vision_triton(q, k, coords, theta)
-    return rope_vision_torch(q, k, coords, theta)
+def rope_vision_setup(coords, head_dim: int, theta: float = 10000.0) -> dict:
+    """What every ViT block's 2D-RoPE shares, made once per forward: the patch coords for the Triton kernel (it
+    computes cos/sin in registers), plus the cos/sin tables when the torch path will run."""
+    rope = dict(coords=coords, theta=theta)
+    if not use_triton(coords):
+        rope["cos"], rope["sin"] = rope2d.vision_rope_cos_sin(coords, head_dim, theta)
+    return rope
+
+
+def rope_vision(q, k, rope: dict):
+    """Vision 2D-RoPE for q, k (N, H, D), `rope` from rope_vision_setup."""
+    if "cos" not in rope:
+        return rope_vision_triton(q, k, rope["coords"], rope["theta"])
+    return rope2d.apply_rope_vision(q, k, rope["cos"], rope["sin"])
 
 
 def mrope_torch(q, k, position_ids, rotary_dim, mrope_section, theta=10000.0):
@@ -752,11 +763,22 @@ def mrope_triton(q, k, position_ids, rotary_dim, mrope_section, theta=10000.0):
                        True, True)
 
 
-def mrope(q, k, position_ids, rotary_dim, mrope_section, theta=10000.0):
-    """Text 3D M-RoPE for q, k (*S, H, D) at positions (3, *S)."""
-    if use_triton(q):
-        return mrope_triton(q, k, position_ids, rotary_dim, mrope_section, theta)
-    return mrope_torch(q, k, position_ids, rotary_dim, mrope_section, theta)
+def mrope_setup(position_ids, rotary_dim: int, mrope_section, theta: float = 10000.0) -> dict:
+    """What every decoder layer's M-RoPE shares, made once per forward: the positions (3, *S) for the Triton kernel
+    (it computes cos/sin in registers), plus fp32 cos/sin tables when the torch path will run — building those
+    once instead of once per layer is most of a CPU decode step's RoPE cost."""
+    rope = dict(position_ids=position_ids, rotary_dim=rotary_dim, mrope_section=tuple(mrope_section), theta=theta)
+    if not use_triton(position_ids):
+        rope["cos"], rope["sin"] = rope2d.mrope_cos_sin(position_ids, rotary_dim, mrope_section, theta)
+    return rope
+
+
+def mrope(q, k, rope: dict):
+    """Text 3D M-RoPE for q, k (*S, H, D), `rope` from mrope_setup. Like the reference, the tables are rounded to
+    the activation dtype before they multiply."""
+    if "cos" not in rope:
+        return mrope_triton(q, k, rope["position_ids"], rope["rotary_dim"], rope["mrope_section"], rope["theta"])
+    return rope2d.apply_mrope(q, k, rope["cos"].to(q.dtype), rope["sin"].to(q.dtype))
 
 
 # ---------------------------------------------------------------------------------------------------------------

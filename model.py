@@ -206,14 +206,15 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, cfg.hidden_size, bias=False)
         self.kv_cache = None
 
-    def forward(self, x, position_ids, cu_seqlens=None, max_seqlen=None, input_pos=None, cache_mask=None):
-        """Packed: x (N, C), position_ids (3, N), cu_seqlens → causal attention inside each sequence.
-        Cached (generation): x (B, T, C), position_ids (3, B, T), input_pos (T,), cache_mask (B, 1, T, S)."""
+    def forward(self, x, rope, cu_seqlens=None, max_seqlen=None, input_pos=None, cache_mask=None):
+        """Packed: x (N, C), rope for positions (3, N), cu_seqlens → causal attention inside each sequence.
+        Cached (generation): x (B, T, C), rope for positions (3, B, T), input_pos (T,), cache_mask (B, 1, T, S).
+        `rope` comes from kernels.mrope_setup, once per forward."""
         shape = x.shape[:-1]
         q = self.q_proj(x).view(*shape, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(*shape, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).view(*shape, self.num_kv_heads, self.head_dim)
-        q, k = kernels.mrope(q, k, position_ids, self.cfg.rotary_dim, self.cfg.mrope_section, self.cfg.rope_theta)
+        q, k = kernels.mrope(q, k, rope)  # 3D M-RoPE (paper §2)
         if input_pos is None:
             out = kernels.flash_attention(q, k, v, cu_seqlens, causal=True, max_seqlen=max_seqlen)
         else:
@@ -259,28 +260,30 @@ class DecoderLayer(nn.Module):
 
     activation_checkpointing = False  # set by the trainer: recompute this layer in the backward pass
 
-    def forward(self, x, position_ids, cu_seqlens=None, max_seqlen=None, input_pos=None, cache_mask=None):
-        args = (x, position_ids, cu_seqlens, max_seqlen, input_pos, cache_mask)
+    def forward(self, x, rope, cu_seqlens=None, max_seqlen=None, input_pos=None, cache_mask=None):
+        args = (x, rope, cu_seqlens, max_seqlen, input_pos, cache_mask)
         if self.activation_checkpointing and torch.is_grad_enabled():
             return checkpoint(self._forward, *args, use_reentrant=False)
         return self._forward(*args)
 
-    def _forward(self, x, position_ids, cu_seqlens=None, max_seqlen=None, input_pos=None, cache_mask=None):
+    def _forward(self, x, rope, cu_seqlens=None, max_seqlen=None, input_pos=None, cache_mask=None):
         x = x + self.post_self_attn_layernorm(
-            self.self_attn(self.input_layernorm(x), position_ids, cu_seqlens, max_seqlen, input_pos, cache_mask))
+            self.self_attn(self.input_layernorm(x), rope, cu_seqlens, max_seqlen, input_pos, cache_mask))
         return x + self.post_mlp_layernorm(self.mlp(self.post_attention_layernorm(x)))
 
 
 class TextModel(nn.Module):
     def __init__(self, cfg: Config):
         super().__init__()
+        self.cfg = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, x, position_ids, cu_seqlens=None, max_seqlen=None, input_pos=None, cache_mask=None):
+        rope = kernels.mrope_setup(position_ids, self.cfg.rotary_dim, self.cfg.mrope_section, self.cfg.rope_theta)
         for layer in self.layers:
-            x = layer(x, position_ids, cu_seqlens, max_seqlen, input_pos, cache_mask)
+            x = layer(x, rope, cu_seqlens, max_seqlen, input_pos, cache_mask)
         return self.norm(x)
 
 

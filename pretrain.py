@@ -60,7 +60,7 @@ class TrainConfig:
     global_batch: int = _f(0, "packed sequences per optimizer step, across all processes (default: per preset)")
     lr: float = _f(0.0, "peak learning rate (default: per preset and stage)")
     min_lr_ratio: float = _f(0.1, "cosine decay ends at lr × this")
-    warmup_steps: int = _f(-1, "linear warm-up steps (default: 5% of max_steps)")
+    warmup_steps: int = _f(-1, "linear warm-up steps (default: 5%% of max_steps)")
     weight_decay: float = _f(0.1, "AdamW weight decay on matrices (norms, biases and the position table: none)")
     beta1: float = _f(0.9, "AdamW beta1")
     beta2: float = _f(0.95, "AdamW beta2")

@@ -29,7 +29,6 @@ Choices made here (gpt-fast style, no framework):
   (before top-p truncation; temperature 0 counts as 1); forced tokens get the model's log-prob too.
 """
 import argparse
-import contextlib
 import dataclasses
 import os
 import sys
@@ -103,21 +102,6 @@ def decode_step(model: M.GLM4V, tokens: torch.Tensor, position_ids: torch.Tensor
 
 
 _compiled_decode_step = None
-
-
-@contextlib.contextmanager
-def plain_torch_kernels():
-    """Run (and trace) the compiled decode step through kernels.py's plain-PyTorch paths: inductor fuses those
-    ops into Triton kernels of its own, while the hand-written kernels are autograd Functions made for eager use."""
-    before = os.environ.get("GLM4V_KERNELS")
-    os.environ["GLM4V_KERNELS"] = "torch"
-    try:
-        yield
-    finally:
-        if before is None:
-            del os.environ["GLM4V_KERNELS"]
-        else:
-            os.environ["GLM4V_KERNELS"] = before
 
 
 def compiled_decode_step():
@@ -216,8 +200,7 @@ def generate_stream(model: M.GLM4V, input_ids, max_new_tokens: int, temperature:
             return
         positions = (next_position + k).view(1, B, 1).expand(3, B, 1).contiguous()
         if compile:  # static shapes; a CUDA graph's output buffer is overwritten by the next replay: copy it
-            with plain_torch_kernels():
-                logits = step(model, tokens[:, None], positions, input_pos).clone()
+            logits = step(model, tokens[:, None], positions, input_pos).clone()
         else:
             logits = step(model, tokens[:, None], positions, input_pos, T + k + 1)
         input_pos += 1

@@ -84,13 +84,12 @@ class VisionAttention(nn.Module):
         super().__init__()
         self.num_heads = cfg.vision_num_heads
         self.head_dim = cfg.vision_hidden_size // cfg.vision_num_heads
-        self.theta = cfg.vision_rope_theta
         self.qkv = nn.Linear(cfg.vision_hidden_size, 3 * cfg.vision_hidden_size, bias=cfg.vision_attention_bias)
         self.proj = nn.Linear(cfg.vision_hidden_size, cfg.vision_hidden_size, bias=False)
 
-    def forward(self, x, coords, cu_seqlens, max_seqlen):
+    def forward(self, x, rope, cu_seqlens, max_seqlen):
         q, k, v = self.qkv(x).view(x.shape[0], 3, self.num_heads, self.head_dim).unbind(1)  # 3 × (N, H, D)
-        q, k = kernels.rope_vision(q, k, coords, self.theta)  # 2D-RoPE (paper §2)
+        q, k = kernels.rope_vision(q, k, rope)  # 2D-RoPE (paper §2)
         out = kernels.flash_attention(q, k, v, cu_seqlens, causal=False, max_seqlen=max_seqlen)  # per image
         return self.proj(out.flatten(1))
 
@@ -105,13 +104,13 @@ class VisionBlock(nn.Module):
 
     activation_checkpointing = False  # set by the trainer: recompute this block in the backward pass
 
-    def forward(self, x, coords, cu_seqlens, max_seqlen):
+    def forward(self, x, rope, cu_seqlens, max_seqlen):
         if self.activation_checkpointing and torch.is_grad_enabled():
-            return checkpoint(self._forward, x, coords, cu_seqlens, max_seqlen, use_reentrant=False)
-        return self._forward(x, coords, cu_seqlens, max_seqlen)
+            return checkpoint(self._forward, x, rope, cu_seqlens, max_seqlen, use_reentrant=False)
+        return self._forward(x, rope, cu_seqlens, max_seqlen)
 
-    def _forward(self, x, coords, cu_seqlens, max_seqlen):
-        x = x + self.attn(self.norm1(x), coords, cu_seqlens, max_seqlen)
+    def _forward(self, x, rope, cu_seqlens, max_seqlen):
+        x = x + self.attn(self.norm1(x), rope, cu_seqlens, max_seqlen)
         return x + self.mlp(self.norm2(x))
 
 
@@ -185,8 +184,10 @@ class VisionModel(nn.Module):
         x = self.post_conv_layernorm(self.patch_embed(pixel_values))
         x = x + self.embeddings(coords, grid_hw)
         max_seqlen = int(frame_sizes.max())
+        cfg = self.cfg
+        rope = kernels.rope_vision_setup(coords, cfg.vision_hidden_size // cfg.vision_num_heads, cfg.vision_rope_theta)
         for block in self.blocks:
-            x = block(x, coords, cu_seqlens, max_seqlen)
+            x = block(x, rope, cu_seqlens, max_seqlen)
         x = self.post_layernorm(x)
         # each run of m² rows is one m×m window: (N/m², m, m, C) -> channels-first for the conv, as one matmul
         windows = x.view(-1, m, m, x.shape[-1]).permute(0, 3, 1, 2).flatten(1)  # (N/m², C·m·m)
