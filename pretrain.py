@@ -108,11 +108,12 @@ def resolve(tc: TrainConfig) -> TrainConfig:
     return tc
 
 
-def build_parser(description: str, defaults: dict = None) -> argparse.ArgumentParser:
-    """One --kebab-case flag per TrainConfig field, typed from its default, with its help string."""
+def build_parser(description: str, defaults: dict = None, config_class=None) -> argparse.ArgumentParser:
+    """One --kebab-case flag per field of `config_class` (TrainConfig; rlcs.py passes its RLConfig), typed from its
+    default, with its help string."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="shorthand for --preset tiny")
-    for f in dataclasses.fields(TrainConfig):
+    for f in dataclasses.fields(config_class or TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         default = (defaults or {}).get(f.name, f.default)
         if isinstance(f.default, bool):
