@@ -27,7 +27,7 @@ What we keep from GRPO and what we drop (the paper's choices, most of them DAPO'
   kept groups (2 by default, so the clip matters); advantages use the population std of the group.
 
 Dynamic sampling expansion (paper §5): a group whose G rewards are all equal has zero advantage and gives no
-gradient. We track the share of such groups and roll out ceil(K · e) prompts, e an EMA (decay `--expansion-ema`)
+gradient. We track the share of such groups and roll out K · e prompts (rounded), e an EMA (decay `--expansion-ema`)
 of 1 / (1 − that share), capped at `--max-expansion`; of those groups the K with the largest reward std (the most
 balanced) are kept, so every update sees K·G responses (a fixed total), as many of them informative as the batch
 allowed. Rollouts are counted (`rollouts` in metrics.jsonl; `--max-rollouts` stops at a budget) so that runs with
@@ -96,6 +96,7 @@ class RLConfig:
     data: str = _f("", "JSONL of prompts {messages, images, videos, task, answer, level}; default: synthetic world")
     tasks: str = _f("", "comma-separated domains to train on (default: all eight)")
     pool_size: int = _f(0, "synthetic world: training items per domain and level in the pool (default: per preset)")
+    levels: str = _f("", "synthetic world: comma-separated levels 1–5 in the pool (default: all)")
     # rollouts
     group_size: int = _f(0, "G: rollouts per prompt (default: per preset)")
     groups_per_step: int = _f(0, "K: groups (prompts) per update, after dynamic sampling (default: per preset)")
@@ -169,7 +170,7 @@ def resolve(rc: RLConfig) -> RLConfig:
         elif not getattr(rc, key):
             setattr(rc, key, value)
     if rc.think_budget < 0:
-        rc.think_budget = max(1, rc.max_new_tokens - answer_room)
+        rc.think_budget = max(rc.max_new_tokens - answer_room, 3 * rc.max_new_tokens // 4)
     if rc.curriculum not in ("rlcs", "uniform"):
         raise ValueError(f"--curriculum must be rlcs or uniform, not {rc.curriculum!r}")
     for name in task_list(rc.tasks) + task_list(rc.lenient_verifier):
@@ -245,8 +246,9 @@ class Expansion:
         self.ema, self.max_factor, self.factor = ema, max_factor, 1.0
 
     def prompts(self, groups: int, world: int = 1) -> int:
-        """ceil(K · factor), rounded up to a multiple of the number of ranks (each rolls out the same count)."""
-        n = math.ceil(groups * min(self.factor, self.max_factor) - 1e-9)
+        """K · factor rounded to the nearest integer, then up to a multiple of the number of ranks (each rolls out
+        the same count). Rounding, not ceil: the EMA only approaches 1, and K + 1 prompts forever would be waste."""
+        n = math.floor(groups * min(self.factor, self.max_factor) + 0.5)
         return -(-n // world) * world
 
     def update(self, invalid_share: float):
@@ -359,11 +361,11 @@ class PoolItem:
     record: dict = None
 
 
-def synthetic_pool(tasks, per_level: int, seed: int) -> list:
-    """per_level training items of every domain and level (1–5), the same in every process."""
+def synthetic_pool(tasks, per_level: int, seed: int, levels=data.LEVELS) -> list:
+    """per_level training items of every domain and level, the same in every process."""
     return [PoolItem(f"{task}/{level}/{i}", task, level, data.make_item(task, i, seed, "train", level,
                                                                          render=False).answer, i)
-            for task in tasks for level in data.LEVELS for i in range(per_level)]
+            for task in tasks for level in levels for i in range(per_level)]
 
 
 def jsonl_pool(path: str, tasks=None) -> list:
@@ -402,8 +404,12 @@ def jsonl_pool(path: str, tasks=None) -> list:
 
 
 def build_pool(rc: RLConfig) -> list:
-    tasks = task_list(rc.tasks) or list(rewards.TASKS)
-    return jsonl_pool(rc.data, task_list(rc.tasks)) if rc.data else synthetic_pool(tasks, rc.pool_size, rc.seed)
+    if rc.data:
+        return jsonl_pool(rc.data, task_list(rc.tasks))
+    levels = [int(v) for v in task_list(rc.levels)] or data.LEVELS
+    if any(v not in data.LEVELS for v in levels):
+        raise ValueError(f"--levels must list levels from {data.LEVELS}, got {rc.levels!r}")
+    return synthetic_pool(task_list(rc.tasks) or list(rewards.TASKS), rc.pool_size, rc.seed, levels)
 
 
 def render_prompt(item: PoolItem, tokenizer, seed: int) -> dict:
@@ -440,21 +446,29 @@ def difficulty_path(rc: RLConfig) -> str:
 VISION_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")
 
 
-def collate(rows, pad_token_id: int, responses=None) -> dict:
+def collate(rows, cfg: M.Config, responses=None) -> dict:
     """Right-padded batch of prompts (render_chat dicts), each followed by its response tokens when given:
     input_ids / attention_mask (B, T), labels (B, T) = the response tokens, -100 elsewhere (the model's label
-    convention), and the vision tensors of the rows concatenated in row order."""
-    seqs = [r["input_ids"].tolist() + (list(responses[i]) if responses else []) for i, r in enumerate(rows)]
-    T = max(len(s) for s in seqs)
-    input_ids = torch.full((len(rows), T), pad_token_id, dtype=torch.long)
+    convention), and the vision tensors of the rows concatenated in row order.
+
+    A reply can contain vision marker tokens (`<|image|>`…): generation reads them as plain text, but the model's
+    forward would take them for image slots, so in the *inputs* they become the pad token; the labels keep them."""
+    vision_ids = torch.tensor([cfg.image_token_id, cfg.video_token_id, cfg.image_start_token_id,
+                               cfg.image_end_token_id, cfg.video_start_token_id, cfg.video_end_token_id])
+    T = max(len(r["input_ids"]) + (len(responses[i]) if responses else 0) for i, r in enumerate(rows))
+    input_ids = torch.full((len(rows), T), cfg.pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros(len(rows), T, dtype=torch.long)
     labels = torch.full((len(rows), T), -100, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        input_ids[i, :len(s)] = torch.tensor(s)
-        attention_mask[i, :len(s)] = 1
-        if responses:
-            start = len(rows[i]["input_ids"])
-            labels[i, start:len(s)] = input_ids[i, start:len(s)]
+    for i, r in enumerate(rows):
+        start = len(r["input_ids"])
+        input_ids[i, :start] = r["input_ids"]
+        attention_mask[i, :start] = 1
+        if responses and responses[i]:
+            reply = torch.tensor(responses[i], dtype=torch.long)
+            end = start + len(reply)
+            labels[i, start:end] = reply
+            input_ids[i, start:end] = reply.masked_fill(torch.isin(reply, vision_ids), cfg.pad_token_id)
+            attention_mask[i, start:end] = 1
     batch = dict(input_ids=input_ids, attention_mask=attention_mask, labels=labels if responses else None)
     for key in VISION_KEYS:
         parts = [r[key] for r in rows if r.get(key) is not None]
@@ -485,7 +499,7 @@ def rollout(model, prompts, group_size: int, max_new_tokens: int, think_budget: 
         n = len(part)
         if pad_rows:
             part = part + [part[0]] * (chunk - n)
-        batch = collate(part, model.cfg.pad_token_id)
+        batch = collate(part, model.cfg)
         tokens = sample.generate(model, batch["input_ids"], max_new_tokens, temperature, top_p,
                                  **{k: batch[k] for k in VISION_KEYS}, attention_mask=batch["attention_mask"],
                                  generator=generator, think_budget=think_budget or None,
@@ -510,6 +524,14 @@ def to_device(batch: dict, device) -> dict:
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
+def micro_batches(rows, size: int, cfg: M.Config, device) -> list:
+    """Rows (prompt, reply tokens, advantage) → [(batch on device, advantages (B,))] of `size` rows (0: one)."""
+    size = size or len(rows)
+    return [(to_device(collate([r[0] for r in part], cfg, [r[1] for r in part]), device),
+             torch.stack([torch.as_tensor(r[2], dtype=torch.float32) for r in part]).to(device))
+            for part in (rows[s:s + size] for s in range(0, len(rows), size))]
+
+
 def policy_logprobs(model, batch: dict, autocast) -> torch.Tensor:
     """log p(response token) (B, T) in fp32, 0 outside the responses: the model's chunked label log-probs."""
     with autocast:
@@ -517,17 +539,18 @@ def policy_logprobs(model, batch: dict, autocast) -> torch.Tensor:
                      **{k: batch[k] for k in VISION_KEYS}).float()
 
 
-def policy_update(model, optimizer, micro_batches, rc: RLConfig, world: int, n_responses: int, autocast) -> dict:
-    """One optimizer step on this rank's micro-batches [(batch, advantages (B,), old log-probs (B, T) or None)].
-    The loss is the mean over all n_responses responses of the global mini-batch (per-sample averaging), so any
-    split across ranks and micro-batches gives the same step. old None: on-policy, old = current (ratio 1)."""
+def policy_update(model, optimizer, parts, rc: RLConfig, world: int, n_responses: int, autocast) -> dict:
+    """One optimizer step on this rank's micro-batches `parts` [(batch, advantages (B,), old log-probs (B, T) or
+    None)]. The loss is the mean over all n_responses responses of the global mini-batch (per-sample averaging), so
+    any split across ranks and micro-batches gives the same step. old None: on-policy, old = current (ratio 1).
+    Without a single nonzero advantage in the global mini-batch the step is skipped: the gradient is zero, and Adam's
+    momentum alone must not move the weights."""
     device = next(model.parameters()).device
-    loss_sum = torch.zeros((), device=device)
-    clipped = torch.zeros((), device=device)
-    tokens = torch.zeros((), device=device)
-    for i, (batch, advantages, old) in enumerate(micro_batches):
+    loss_sum, clipped, tokens = (torch.zeros((), device=device) for _ in range(3))
+    informative = torch.tensor(float(any(bool((a != 0).any()) for _, a, _ in parts)), device=device)
+    for i, (batch, advantages, old) in enumerate(parts):
         if hasattr(model, "set_requires_gradient_sync"):  # FSDP2: reduce-scatter after the last micro-batch only
-            model.set_requires_gradient_sync(i == len(micro_batches) - 1)
+            model.set_requires_gradient_sync(i == len(parts) - 1)
         logprobs = policy_logprobs(model, batch, autocast)
         mask = batch["labels"] != -100
         per_sample, is_clipped = grpo_loss(logprobs, logprobs.detach() if old is None else old, advantages, mask,
@@ -537,17 +560,19 @@ def policy_update(model, optimizer, micro_batches, rc: RLConfig, world: int, n_r
         loss_sum += per_sample.detach().sum()
         clipped += is_clipped.sum()
         tokens += mask.sum()
-    stats = pretrain.all_reduce_sum(torch.stack([loss_sum, clipped, tokens]))
+    stats = pretrain.all_reduce_sum(torch.stack([loss_sum, clipped, tokens, informative]))
     params = [p for p in model.parameters() if p.grad is not None]
     grad_norm = torch.nn.utils.clip_grad_norm_(params, rc.grad_clip or float("inf"))
     if hasattr(grad_norm, "full_tensor"):
         grad_norm = grad_norm.full_tensor()
     loss = float(stats[0]) / n_responses
     ok = math.isfinite(loss) and bool(torch.isfinite(grad_norm))
-    if ok:
+    stepped = ok and bool(stats[3] > 0)
+    if stepped:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return dict(loss=loss, grad_norm=float(grad_norm), clip_fraction=float(stats[1] / stats[2].clamp(min=1)), ok=ok)
+    return dict(loss=loss, grad_norm=float(grad_norm), clip_fraction=float(stats[1] / stats[2].clamp(min=1)), ok=ok,
+                stepped=stepped)
 
 
 @torch.no_grad()
@@ -694,19 +719,15 @@ def train(rc: RLConfig):
 
         # 3. this rank's rows: global mini-batch u = kept groups [u·K/U, (u+1)·K/U), rank r its r-th slice
         per_rank = K // (U * world)
-        minibatches = []
+        batches = []
         for u in range(U):
-            groups = list(range(u * K // U + rank * per_rank, u * K // U + (rank + 1) * per_rank))
             rows = []
-            for g in groups:
+            for g in range(u * K // U + rank * per_rank, u * K // U + (rank + 1) * per_rank):
                 i = picks[kept[g]]
                 if i not in prompts:
                     prompts[i] = render_prompt(pool[i], tokenizer, rc.seed)
                 rows += [(prompts[i], replies[kept[g] * G + j], advantages[g, j]) for j in range(G)]
-            size = rc.micro_batch or len(rows)
-            minibatches.append([rows[s:s + size] for s in range(0, len(rows), size)])
-        batches = [[(to_device(collate([r[0] for r in mb], cfg.pad_token_id, [r[1] for r in mb]), device),
-                     torch.stack([r[2] for r in mb]).to(device)) for mb in micro] for micro in minibatches]
+            batches.append(micro_batches(rows, rc.micro_batch, cfg, device))
 
         # 4. old-policy log-probs: the rollout weights, recomputed by the training model (U > 1 only: with one step
         #    per batch the update is on-policy and old = current, detached)
@@ -897,7 +918,7 @@ def chart(title: str, xs, series, y_label: str, y_max: float = 1.0, stacked: boo
     from PIL import Image, ImageDraw, ImageFont
 
     W, H = size
-    left, right, top, bottom = 58, 170, 34, 44
+    left, right, top, bottom = 58, 170, 48, 44
     image = Image.new("RGB", size, "white")
     d = ImageDraw.Draw(image)
     font, bold = ImageFont.load_default(size=12), ImageFont.load_default(size=14)
@@ -922,7 +943,7 @@ def chart(title: str, xs, series, y_label: str, y_max: float = 1.0, stacked: boo
         d.text((qx, H - bottom + 6), f"{tick:g}", fill="black", font=font, anchor="mt")
         tick += step
     d.text(((left + W - right) / 2, H - 14), "iteration", fill="black", font=font, anchor="mm")
-    d.text((6, top - 14), y_label, fill="black", font=font)
+    d.text((8, top - 20), y_label, fill="black", font=font)
     base = [0.0] * len(xs)
     for name, values, color in series:
         if stacked:
@@ -1004,3 +1025,79 @@ def main(argv=None):
 
 if __name__ == "__main__":
     main()
+
+
+# --- benchmarks (called by bench.py) ---
+
+
+def bench_rlcs(device="cpu"):
+    """The time split of one RL iteration on the tiny preset: rollout (generate + score, K·G = 64 replies of 128
+    tokens), old-policy log-probs, and the GRPO update (2 optimizer steps), with fresh weights that never stop early
+    (equal work every run). Peer of the rollout row: bare sample.generate on the same batch, i.e. what sample.py
+    allows; ratio = generate time / rollout time (1.0: no overhead)."""
+    device = torch.device(device)
+    threads = torch.get_num_threads()
+    if device.type == "cpu":  # thousands of tiny ops: one thread is steadier on a busy machine (as bench_sample)
+        torch.set_num_threads(1)
+    try:
+        return _bench_iteration(device)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _bench_iteration(device):
+    def timed(fn):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        result = fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start, result
+
+    cfg = dataclasses.replace(M.PRESETS["tiny"], eos_token_ids=())
+    torch.manual_seed(0)
+    policy = M.GLM4V(cfg).init_weights().to(device)
+    roller = rollout_model(policy, cfg, device, 1)
+    rc = resolve(RLConfig(preset="tiny"))
+    optimizer = pretrain.build_optimizer(policy, rc, device)
+    tokenizer = data.tiny_tokenizer()
+    K, G = rc.groups_per_step, rc.group_size
+    pool = synthetic_pool(rewards.TASKS, 1, 0, levels=(1,))[:K]  # one prompt per domain
+    prompts = [render_prompt(item, tokenizer, 0) for item in pool]
+    force_ids = tokenizer.encode("</think><answer>")
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+
+    def do_rollout():
+        replies = rollout(roller, prompts, G, rc.max_new_tokens, rc.think_budget, force_ids,
+                          generator=noise_generator(device, 0))
+        return replies, score_replies(tokenizer, pool, replies, G)
+
+    def bare_generate():
+        batch = collate([p for p in prompts for _ in range(G)], cfg)
+        return sample.generate(roller, batch["input_ids"], rc.max_new_tokens, 1.0, 1.0,
+                               **{k: batch[k] for k in VISION_KEYS}, attention_mask=batch["attention_mask"],
+                               generator=noise_generator(device, 0), think_budget=rc.think_budget,
+                               force_answer_ids=force_ids)
+
+    do_rollout(), bare_generate()  # warm up
+    t_peer = min(timed(bare_generate)[0] for _ in range(2))
+    t_rollout, (replies, _) = min((timed(do_rollout) for _ in range(2)), key=lambda r: r[0])
+    advantages = group_advantages(torch.rand(K, G, generator=torch.Generator().manual_seed(0)).round())
+    rows = [(prompts[k // G], replies[k], advantages[k // G, k % G]) for k in range(K * G)]
+    halves = [micro_batches(rows[u * len(rows) // 2:(u + 1) * len(rows) // 2], 0, cfg, device) for u in range(2)]
+    with torch.no_grad():
+        t_logprobs, olds = timed(lambda: [[policy_logprobs(policy, b, autocast) for b, _ in part] for part in halves])
+    t_update, _ = timed(lambda: [policy_update(policy, optimizer, [(b, a, o) for (b, a), o in zip(part, old)], rc, 1,
+                                               len(rows) // 2, autocast) for part, old in zip(halves, olds)])
+    total = t_rollout + t_logprobs + t_update
+    tokens = sum(len(r) for r in replies)
+    common = dict(units="s", device=str(device), replies=K * G, new_tokens=rc.max_new_tokens,
+                  threads=torch.get_num_threads())
+    return [dict(name="RL iteration: rollout (generate + score)", ours=round(t_rollout, 3), peer=round(t_peer, 3),
+                 ratio=round(t_peer / t_rollout, 2), peer_name="bare sample.generate", share=round(t_rollout / total, 3),
+                 tok_per_s=round(tokens / t_rollout, 1), **common),
+            dict(name="RL iteration: old-policy log-probs", ours=round(t_logprobs, 3), peer=None, ratio=None,
+                 share=round(t_logprobs / total, 3), **common),
+            dict(name="RL iteration: GRPO update (2 optimizer steps)", ours=round(t_update, 3), peer=None, ratio=None,
+                 share=round(t_update / total, 3), **common)]
