@@ -14,7 +14,8 @@ or more GRPO optimizer steps → the rollout weights are refreshed. Everything r
 What we keep from GRPO and what we drop (the paper's choices, most of them DAPO's):
 - kept: G rollouts per prompt and group-normalised advantages (r − mean) / (std + 1e-6) instead of a value
   network; the PPO clipped ratio against the old policy, i.e. the weights that produced the rollouts (its
-  log-probs are recomputed with the training model before the first step, so the first step's ratio is exactly 1).
+  log-probs are recomputed by the training model before the first optimizer step, for the mini-batches after the
+  first; the first step is on-policy, ratio exactly 1).
 - dropped: the KL penalty (no reference model is loaded at all) and the entropy bonus.
 - changed: clip-higher — the ratio is clipped to [1 − ε_low, 1 + ε_high] = [0.8, 1.28], so unlikely tokens with
   a positive advantage can grow further before the clip stops them (keeps entropy up); per-sample loss averaging —
@@ -40,7 +41,7 @@ of the starting checkpoint. Each item gets a tier from its generator level ℓ �
 i.e. very easy, easy, medium, hard, very hard. Online, every rollout group updates an EMA of its item's pass rate
 p_i (decay `--item-ema`) and of its tier's pass rate P_t (decay `--tier-ema`; starts at the tier's mean q, or 0.5).
 Each iteration the sampling probability of item i in tier t is recomputed as
-    P(i) = W_t / Σ_u W_u  ·  w_i / Σ_{j in t} w_j,   W_t = max(4·P_t·(1 − P_t), floor),  w_i = max(4·p_i·(1 − p_i), floor)
+    P(i) = W_t / Σ_u W_u · w_i / Σ_{j in t} w_j,  W_t = max(4·P_t·(1 − P_t), floor),  w_i = max(4·p_i·(1 − p_i), floor)
 with p_i = P_t for items not yet seen and floor = `--curriculum-floor` (0.05). 4p(1 − p) is 1 at p = ½ and 0 at
 p ∈ {0, 1}: it favours what the model solves about half the time (where a group of G most likely mixes right and
 wrong replies) and pushes solved and hopeless tiers and items down to the floor, never to zero, so a tier that
@@ -175,7 +176,8 @@ def resolve(rc: RLConfig) -> RLConfig:
         raise ValueError(f"--curriculum must be rlcs or uniform, not {rc.curriculum!r}")
     for name in task_list(rc.tasks) + task_list(rc.lenient_verifier):
         if name not in rewards.TASKS:
-            raise ValueError(f"unknown domain {name!r} in --tasks/--lenient-verifier; domains: {', '.join(rewards.TASKS)}")
+            raise ValueError(f"unknown domain {name!r} in --tasks/--lenient-verifier; domains: "
+                             f"{', '.join(rewards.TASKS)}")
     if rc.group_size < 2:
         raise ValueError(f"--group-size must be at least 2 (advantages are relative to the group), got {rc.group_size}")
     if not 0 <= rc.clip_low < 1 or rc.clip_high < 0:
@@ -729,12 +731,11 @@ def train(rc: RLConfig):
                 rows += [(prompts[i], replies[kept[g] * G + j], advantages[g, j]) for j in range(G)]
             batches.append(micro_batches(rows, rc.micro_batch, cfg, device))
 
-        # 4. old-policy log-probs: the rollout weights, recomputed by the training model (U > 1 only: with one step
-        #    per batch the update is on-policy and old = current, detached)
-        olds = [[None] * len(micro) for micro in batches]
-        if U > 1:
-            with torch.no_grad():
-                olds = [[policy_logprobs(policy, b, autocast) for b, _ in micro] for micro in batches]
+        # 4. old-policy log-probs: the rollout weights, recomputed by the training model before the first step for
+        #    the mini-batches that come after it (the first one is on-policy: old = current, detached)
+        with torch.no_grad():
+            olds = [[None] * len(micro) if u == 0 else [policy_logprobs(policy, b, autocast) for b, _ in micro]
+                    for u, micro in enumerate(batches)]
         t2 = time.perf_counter()
 
         # 5. GRPO updates, then the rollout copy is refreshed
@@ -1066,7 +1067,8 @@ def _bench_iteration(device):
     pool = synthetic_pool(rewards.TASKS, 1, 0, levels=(1,))[:K]  # one prompt per domain
     prompts = [render_prompt(item, tokenizer, 0) for item in pool]
     force_ids = tokenizer.encode("</think><answer>")
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" \
+        else torch.autocast("cpu", enabled=False)
 
     def do_rollout():
         replies = rollout(roller, prompts, G, rc.max_new_tokens, rc.think_budget, force_ids,
@@ -1086,8 +1088,9 @@ def _bench_iteration(device):
     advantages = group_advantages(torch.rand(K, G, generator=torch.Generator().manual_seed(0)).round())
     rows = [(prompts[k // G], replies[k], advantages[k // G, k % G]) for k in range(K * G)]
     halves = [micro_batches(rows[u * len(rows) // 2:(u + 1) * len(rows) // 2], 0, cfg, device) for u in range(2)]
-    with torch.no_grad():
-        t_logprobs, olds = timed(lambda: [[policy_logprobs(policy, b, autocast) for b, _ in part] for part in halves])
+    with torch.no_grad():  # as in train(): the second mini-batch needs the rollout policy's log-probs
+        t_logprobs, second = timed(lambda: [policy_logprobs(policy, b, autocast) for b, _ in halves[1]])
+    olds = [[None] * len(halves[0]), second]
     t_update, _ = timed(lambda: [policy_update(policy, optimizer, [(b, a, o) for (b, a), o in zip(part, old)], rc, 1,
                                                len(rows) // 2, autocast) for part, old in zip(halves, olds)])
     total = t_rollout + t_logprobs + t_update
@@ -1095,7 +1098,8 @@ def _bench_iteration(device):
     common = dict(units="s", device=str(device), replies=K * G, new_tokens=rc.max_new_tokens,
                   threads=torch.get_num_threads())
     return [dict(name="RL iteration: rollout (generate + score)", ours=round(t_rollout, 3), peer=round(t_peer, 3),
-                 ratio=round(t_peer / t_rollout, 2), peer_name="bare sample.generate", share=round(t_rollout / total, 3),
+                 ratio=round(t_peer / t_rollout, 2), peer_name="bare sample.generate",
+                 share=round(t_rollout / total, 3),
                  tok_per_s=round(tokens / t_rollout, 1), **common),
             dict(name="RL iteration: old-policy log-probs", ours=round(t_logprobs, 3), peer=None, ratio=None,
                  share=round(t_logprobs / total, 3), **common),

@@ -13,7 +13,6 @@ import torch
 import data
 import model as M
 import pretrain
-import rewards
 import rlcs
 import sample
 
@@ -62,7 +61,8 @@ def sft_checkpoint(tmp_path_factory):
     jsonl = data.export_world(root / "world", tasks=("choice",), n=256, kind="sft", split="train", level=1)
     args = pretrain.build_parser("sft").parse_args([
         "--stage", "sft", "--init-from", micro_checkpoint(root / "init"), "--data", jsonl, "--seq-len", "192",
-        "--global-batch", "8", "--max-steps", "80", "--lr", "3e-3", "--no-think-share", "0", "--out", str(root / "sft")])
+        "--global-batch", "8", "--max-steps", "80", "--lr", "3e-3", "--no-think-share", "0",
+        "--out", str(root / "sft")])
     pretrain.train(pretrain.config_from_args(args))
     return str(root / "sft")
 
@@ -419,7 +419,7 @@ def test_grade_then_train_eval_and_plot(sft_checkpoint, tmp_path, capsys):
     grades = tmp_path / "difficulty.jsonl"
     rlcs.main(["--grade", "--init-from", sft_checkpoint, "--difficulty", str(grades), "--grade-k", "4", *common])
     lines = [json.loads(line) for line in open(grades)]
-    assert len(lines) == 8 and {line["key"] for line in lines} == {f"choice/{lv}/{i}" for lv in (1, 2) for i in range(4)}
+    assert {line["key"] for line in lines} == {f"choice/{lv}/{i}" for lv in (1, 2) for i in range(4)}
     assert all(0 <= line["pass_rate"] <= line["pass_at_k"] <= 1 and line["samples"] == 4 for line in lines)
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["items"] == 8
