@@ -178,6 +178,9 @@ def resolve(rc: RLConfig) -> RLConfig:
         if name not in rewards.TASKS:
             raise ValueError(f"unknown domain {name!r} in --tasks/--lenient-verifier; domains: "
                              f"{', '.join(rewards.TASKS)}")
+    if rc.groups_per_step < 1 or rc.updates_per_batch < 1:
+        raise ValueError(f"--groups-per-step and --updates-per-batch must be at least 1, got {rc.groups_per_step} "
+                         f"and {rc.updates_per_batch}")
     if rc.group_size < 2:
         raise ValueError(f"--group-size must be at least 2 (advantages are relative to the group), got {rc.group_size}")
     if not 0 <= rc.clip_low < 1 or rc.clip_high < 0:
@@ -632,6 +635,7 @@ def noise_generator(device, *parts) -> torch.Generator:
 
 
 def train(rc: RLConfig):
+    """The RL loop of the module docstring, under torchrun or not; returns the policy."""
     rank, world, device = pretrain.setup_distributed()
     K, G, U = rc.groups_per_step, rc.group_size, rc.updates_per_batch
     if K % (U * world):
@@ -659,7 +663,7 @@ def train(rc: RLConfig):
     curriculum = Curriculum([item.level for item in pool], offline, rc.curriculum, rc.tier_ema, rc.item_ema,
                             rc.curriculum_floor)
     expansion = Expansion(rc.expansion_ema, rc.max_expansion)
-    step, totals = 0, {"rollouts": 0, "rollout_tokens": 0, "skipped_updates": 0}
+    step, totals = 0, {"rollouts": 0, "rollout_tokens": 0, "optimizer_steps": 0, "skipped_updates": 0}
     if resume_from:
         trainer_state = pretrain.load_training_state(policy, optimizer, resume_from, rank)
         step, totals = trainer_state["step"], trainer_state["totals"]
@@ -756,6 +760,7 @@ def train(rc: RLConfig):
         totals["rollout_tokens"] += sum(lengths)
         bad = sum(not u["ok"] for u in updates)
         totals["skipped_updates"] += bad
+        totals["optimizer_steps"] += sum(u["stepped"] for u in updates)
         bad_in_a_row = bad_in_a_row + bad if bad else 0
         update_tokens = int(pretrain.all_reduce_sum(torch.tensor(
             float(sum(int(b["attention_mask"].sum()) for micro in batches for b, _ in micro)), device=device)).item())

@@ -453,6 +453,13 @@ def test_grade_then_train_eval_and_plot(sft_checkpoint, tmp_path, capsys):
             assert image.size == (820, 440)
 
 
+def test_rollout_budget_stops_the_run(sft_checkpoint, tmp_path):
+    rlcs.train(rl_config(tmp_path, sft_checkpoint, "--max-steps", "100", "--max-rollouts", "40", "--max-expansion", "1"))
+    rows = metrics(tmp_path)
+    assert [r["rollouts"] for r in rows] == [16, 32, 48]  # 4 groups × 4 rollouts per iteration, stop at ≥ 40
+    assert os.path.exists(tmp_path / "model.safetensors") and pretrain.latest_checkpoint(str(tmp_path))
+
+
 def test_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="--curriculum"):
         rlcs.config_from_args(rlcs.build_parser().parse_args(["--curriculum", "easy-first"]))
