@@ -41,18 +41,22 @@ of the starting checkpoint. Each item gets a tier from its generator level ℓ �
 i.e. very easy, easy, medium, hard, very hard. Online, every rollout group updates an EMA of its item's pass rate
 p_i (decay `--item-ema`) and of its tier's pass rate P_t (decay `--tier-ema`; starts at the tier's mean q, or 0.5).
 Each iteration the sampling probability of item i in tier t is recomputed as
-    P(i) = W_t / Σ_u W_u · w_i / Σ_{j in t} w_j,  W_t = max(4·P_t·(1 − P_t), floor),  w_i = max(4·p_i·(1 − p_i), floor)
-with p_i = P_t for items not yet seen and floor = `--curriculum-floor` (0.05). 4p(1 − p) is 1 at p = ½ and 0 at
-p ∈ {0, 1}: it favours what the model solves about half the time (where a group of G most likely mixes right and
-wrong replies) and pushes solved and hopeless tiers and items down to the floor, never to zero, so a tier that
-starts to become learnable (or forgotten) is noticed. `--curriculum uniform` samples the pool uniformly.
+    P(i) ∝ W_t · w_i / w̄_t,   W_t = max(4·P_t·(1 − P_t), floor),   w_i = max(4·p_i·(1 − p_i), floor)
+with p_i = P_t for items not yet seen, w̄_t the mean of w_j over tier t and floor = `--curriculum-floor` (0.05):
+the tier's weight sets how much its items are worth on average (so a tier's share of the batch is its share of the
+pool times W_t, and a tier of a few items is not drilled over and over), the item's own pass rate redistributes
+that within the tier. 4p(1 − p) is 1 at p = ½ and 0 at p ∈ {0, 1}: it favours what the model solves about half the
+time (where a group of G most likely mixes right and wrong replies) and pushes solved and hopeless tiers and items
+down to the floor, never to zero, so a tier that starts to become learnable (or forgotten) is noticed.
+`--curriculum uniform` samples the pool uniformly (the statistics are still kept and logged).
 
 Scale (torchrun, one process per GPU): every rank rolls out 1/W of the iteration's prompts with a full, unsharded
 copy of the weights (bf16 on GPU) that is refreshed from the FSDP2-sharded policy after each update one tensor at a
 time (`DTensor.full_tensor()`), so the peak extra memory is one full copy plus one tensor — 20 GB for the 9B next
-to its ~21 GB/GPU of fp32 shards + Adam state on 8 GPUs. Rewards and response tokens are all-gathered, so every
-rank makes the same expansion, selection and curriculum decisions; each rank then trains on 1/W of the kept
-groups (re-rendering their prompts from the pool) with FSDP2 gradient reduction. Checkpoints are the trainer's
+to its ~21 GB/GPU of fp32 shards + Adam state on 8 GPUs, plus the KV cache of `--rollout-batch` rows (40 KB per
+token: 32 rows × 17k tokens ≈ 22 GB). Rewards and response tokens are all-gathered, so every rank makes the
+same expansion, selection and curriculum decisions; each rank then trains on 1/W of the kept groups (re-rendering
+their prompts from the pool) with FSDP2 gradient reduction. Checkpoints are the trainer's
 (atomic DCP shards + JSON state, here with the curriculum, the expansion EMA and the rollout counters); prompt
 picks and sampling noise are seeded by (seed, iteration, rank), so a resumed run continues exactly.
 """
@@ -155,7 +159,7 @@ DEFAULTS = {
     "tiny": dict(max_steps=200, pool_size=40, group_size=8, groups_per_step=8, max_new_tokens=128, lr=1e-4,
                  eval_n=20, answer_room=32),
     "9b": dict(max_steps=2000, pool_size=400, group_size=16, groups_per_step=64, max_new_tokens=16384, lr=1e-6,
-               eval_n=100, answer_room=1024, micro_batch=4, rollout_batch=64, activation_checkpointing=True),
+               eval_n=100, answer_room=1024, micro_batch=4, rollout_batch=32, activation_checkpointing=True),
 }
 
 
@@ -291,8 +295,9 @@ def middle_weight(p, floor: float):
 
 
 class Curriculum:
-    """Sampling weights over the pool, recomputed every iteration from offline tiers and online pass rates (the
-    formula is in the module docstring). mode "uniform": every item equally likely (statistics still kept)."""
+    """Sampling weights over the pool, recomputed every iteration from offline tiers and online pass rates:
+    P(i) ∝ W_t · w_i / w̄_t (the module docstring explains it). mode "uniform": every item equally likely (the
+    statistics are still kept)."""
 
     def __init__(self, levels, offline=None, mode: str = "rlcs", tier_ema: float = 0.8, item_ema: float = 0.5,
                  floor: float = 0.05):
@@ -317,9 +322,10 @@ class Curriculum:
             return np.full(n, 1.0 / n)
         p_item = np.where(np.isnan(self.item_pass), self.tier_pass[self.tier], self.item_pass)
         w_item = middle_weight(p_item, self.floor)
-        w_tier = middle_weight(self.tier_pass, self.floor) * (self.sizes > 0)
-        within = w_item / np.bincount(self.tier, weights=w_item, minlength=len(TIERS))[self.tier]
-        return (w_tier / w_tier.sum())[self.tier] * within
+        w_tier = middle_weight(self.tier_pass, self.floor)
+        mean_in_tier = np.bincount(self.tier, weights=w_item, minlength=len(TIERS)) / np.maximum(self.sizes, 1)
+        weight = w_tier[self.tier] * w_item / mean_in_tier[self.tier]
+        return weight / weight.sum()
 
     def sample(self, n: int, rng: np.random.Generator) -> list:
         """n distinct pool indices drawn by the current probabilities (all of the pool when it is smaller)."""
@@ -1025,7 +1031,7 @@ def main(argv=None):
             grade(rc)
         else:
             train(rc)
-    except (FileNotFoundError, FileExistsError, ValueError) as e:
+    except (OSError, ValueError) as e:  # missing or unwritable files, bad flags or data: one line, no traceback
         sys.exit(f"error: {e}")
 
 

@@ -221,6 +221,9 @@ def test_curriculum_uses_the_offline_grade():
     assert p[2] > 0.9  # before any rollout the curriculum already avoids what the grade says is solved or hopeless
     picks = c.sample(2, np.random.default_rng(0))
     assert len(set(picks)) == 2
+    # a tier's share follows its size when the weights are equal: a 2-item tier is not drilled over and over
+    small = rlcs.Curriculum([1, 1] + [3] * 50)
+    assert tier_probabilities(small)[0] == pytest.approx(2 / 52)
 
 
 # ---------------------------------------------------------------------------------------------------------------
