@@ -303,6 +303,31 @@ def test_vision_tokens_in_a_reply_are_text_to_the_update(random_micro):
     assert torch.isfinite(out).all() and (out[0, start:start + len(reply)] < 0).all()
 
 
+def test_micro_batches_give_the_same_step(random_micro):
+    """The loss is normalised by the global number of responses, so gradient accumulation over any split of the
+    rows (as over ranks) takes the same optimizer step."""
+    model, tok = random_micro
+    _, prompts = choice_prompts(tok, 2)
+    replies = rlcs.rollout(model, prompts, 3, 10, 0, [], generator=torch.Generator().manual_seed(2))
+    advantages = rlcs.group_advantages(torch.tensor([[1.0, 0, 0], [0, 1, 1]])).flatten()
+    rows = [(prompts[k // 3], replies[k], advantages[k]) for k in range(6)]
+    rc = rlcs.resolve(rlcs.RLConfig(grad_clip=0.0))
+    after = []
+    for size in (0, 4, 1):
+        copy = M.GLM4V(MICRO)
+        copy.load_state_dict(model.state_dict())
+        optimizer = torch.optim.SGD(copy.parameters(), lr=1.0)  # weights − gradient: compares the gradients (Adam's
+        # first step is lr·sign(g), which turns float noise in near-zero gradients into full-size differences)
+        parts = [(b, a, None) for b, a in rlcs.micro_batches(rows, size, MICRO, CPU)]
+        stats = rlcs.policy_update(copy, optimizer, parts, rc, 1, len(rows), NO_AUTOCAST)
+        assert stats["stepped"] and stats["clip_fraction"] == 0.0  # on-policy: ratio 1, nothing clipped
+        after.append(copy.state_dict())
+    for name, value in after[0].items():
+        torch.testing.assert_close(after[1][name], value, atol=1e-6, rtol=1e-5, msg=name)
+        torch.testing.assert_close(after[2][name], value, atol=1e-6, rtol=1e-5, msg=name)
+    assert not torch.equal(after[0]["lm_head.weight"], model.lm_head.weight)
+
+
 def test_lenient_verifier_only_where_asked():
     item = rlcs.PoolItem("counting/1/0", "counting", 1, "3")
     hedge = [rlcs.data.tiny_tokenizer().encode(
@@ -414,6 +439,49 @@ def test_two_processes(sft_checkpoint, tmp_path):
     trained = M.GLM4V.from_pretrained(tmp_path)
     start = M.GLM4V.from_pretrained(sft_checkpoint)
     assert any(not torch.equal(a, b) for a, b in zip(trained.parameters(), start.parameters()))
+
+
+SHARDED_UPDATE = """
+import sys, torch, pretrain, rlcs
+rank, world, device = pretrain.setup_distributed()
+torch.set_num_threads(1)
+rc = rlcs.resolve(rlcs.RLConfig(init_from=sys.argv[1], grad_clip=0.0))
+cfg, state, tok = pretrain.initial_state(rc, rank)
+policy = pretrain.build_model(rc, cfg, state, device, world)  # FSDP2-sharded when world > 1
+roller = rlcs.rollout_model(policy, cfg, device, world)  # the full weights, gathered from the shards
+pool = rlcs.synthetic_pool(["choice"], 2, 0, levels=(1,))
+prompts = [rlcs.render_prompt(item, tok, 0) for item in pool]
+replies = rlcs.rollout(roller, prompts, 4, 10, 0, [], generator=torch.Generator().manual_seed(3))
+advantages = rlcs.group_advantages(torch.tensor([[1.0, 0, 0, 1], [0, 0, 1, 0]])).flatten()
+rows = [(prompts[k // 4], replies[k], advantages[k]) for k in range(8)]
+mine = rows[rank * 8 // world:(rank + 1) * 8 // world]
+optimizer = torch.optim.SGD(policy.parameters(), lr=1.0)
+parts = [(b, a, None) for b, a in rlcs.micro_batches(mine, 2, cfg, device)]
+rlcs.policy_update(policy, optimizer, parts, rc, world, 8, torch.autocast("cpu", enabled=False))
+rlcs.sync_weights(policy, roller)
+if rank == 0:
+    torch.save({"replies": replies, "weights": roller.state_dict()}, sys.argv[2])
+"""
+
+
+def test_sharded_update_matches_one_process(sft_checkpoint, tmp_path):
+    """Two FSDP2 ranks, each with half the rows, take the step one process takes with all of them; the rollout
+    copy gathered from the shards holds the new weights."""
+    script = tmp_path / "update.py"
+    script.write_text(SHARDED_UPDATE)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+    for launcher, out in (([sys.executable], "one.pt"),
+                          ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone"],
+                           "two.pt")):
+        result = subprocess.run([*launcher, str(script), sft_checkpoint, str(tmp_path / out)], cwd=ROOT, env=env,
+                                capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-4000:]
+    one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
+    assert one["replies"] == two["replies"]  # the gathered rollout weights generate the same replies
+    start = M.GLM4V.from_pretrained(sft_checkpoint).state_dict()
+    for name, value in one["weights"].items():
+        torch.testing.assert_close(two["weights"][name], value, atol=2e-6, rtol=1e-5, msg=name)
+    assert not torch.equal(one["weights"]["lm_head.weight"], start["lm_head.weight"])
 
 
 def test_grade_then_train_eval_and_plot(sft_checkpoint, tmp_path, capsys):
