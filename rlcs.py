@@ -868,14 +868,14 @@ def grade(rc: RLConfig):
 
 @torch.no_grad()
 def evaluate(model, tokenizer, tasks, n: int, seed: int, max_new_tokens: int, think_budget: int,
-             batch_size: int = 64) -> dict:
+             batch_size: int = 64, progress: bool = False) -> dict:
     """Greedy accuracy (mean strict reward) on n held-out items per domain (levels 1–5 in turn), batched and, under
     torchrun, split across ranks. Returns {domain: accuracy, "mean": mean over domains}."""
     rank, world = rank_world()
     jobs = [(task, i) for task in tasks for i in range(n)][rank::world]
     force_ids = tokenizer.encode("</think><answer>")
     sums = torch.zeros(len(tasks), 2, dtype=torch.float64)  # (score sum, count) per domain
-    for start in range(0, len(jobs), batch_size):
+    for start in tqdm(range(0, len(jobs), batch_size), disable=not progress or rank != 0, desc="eval", unit="batch"):
         items = [data.make_item(task, i, seed, "heldout") for task, i in jobs[start:start + batch_size]]
         replies = rollout(model, [it.prompt(tokenizer) for it in items], 1, max_new_tokens, think_budget, force_ids,
                           temperature=0.0)
@@ -892,7 +892,8 @@ def run_eval(rc: RLConfig):
     rank, world, device = pretrain.setup_distributed()
     model, tokenizer = load_for_inference(rc.eval, device)
     tasks = task_list(rc.tasks) or list(rewards.TASKS)
-    accuracy = evaluate(model, tokenizer, tasks, rc.eval_n, rc.seed, rc.max_new_tokens, rc.think_budget)
+    accuracy = evaluate(model, tokenizer, tasks, rc.eval_n, rc.seed, rc.max_new_tokens, rc.think_budget,
+                        progress=True)
     if rank == 0:
         print(json.dumps({"checkpoint": rc.eval, "n_per_domain": rc.eval_n, "seed": rc.seed, **accuracy}))
     if dist.is_initialized():
