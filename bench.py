@@ -57,7 +57,8 @@ def measure(fn, device: str, repeats: int):
 def in_subprocess(case: str, args) -> dict:
     """Run one case in a fresh interpreter and return its JSON result."""
     cmd = [sys.executable, os.path.join(ROOT, "bench.py"), "--case", case, "--device", args.device,
-           "--vision-depth", str(args.vision_depth), "--repeats", str(args.repeats)]
+           "--vision-depth", str(args.vision_depth), "--train-depth", str(args.train_depth),
+           "--repeats", str(args.repeats)]
     # Large CPU buffers go straight to mmap and back to the OS on free, so RSS follows live tensors (glibc's
     # default raises the threshold after frees and then keeps freed buffers resident).
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
@@ -117,6 +118,74 @@ def bench_vision(args) -> list:
 # Entry point
 # ---------------------------------------------------------------------------------------------------------------
 
+# ---------------------------------------------------------------------------------------------------------------
+# Training step: tokens/s and MFU (issue 6)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def train_case(impl: str, device: str, depth: int, repeats: int) -> dict:
+    """One optimizer step (forward + backward + AdamW) on one packed sequence of the synthetic world: the tiny
+    preset on CPU; on GPU the 9B's widths truncated to `depth` decoder layers (and 2 ViT blocks) at 8k tokens."""
+    import data
+    import model as M
+    import pretrain
+
+    if device == "cuda":
+        cfg = M.Config(**{**M.PRESETS["9b"].__dict__, "num_hidden_layers": depth, "vision_depth": 2})
+        seq_len, dtype = 8192, torch.bfloat16
+    else:
+        cfg, seq_len, dtype = M.PRESETS["tiny"], 512, torch.float32
+    tok = data.tiny_tokenizer()
+    source = data.SyntheticSource(kind="caption", tasks=tuple(t for t in data.TASKS if t != "video_grounding"))
+    batch = data.PackedLoader(source, tok, seq_len, 1).batch(0)[0]
+    if device == "cuda":  # the tiny tokenizer's ids live in the 9B vocabulary too; move the specials to its ids
+        ids = batch["input_ids"]
+        for ours, theirs in ((270, cfg.image_token_id), (266, cfg.image_start_token_id), (267, cfg.image_end_token_id)):
+            ids[ids == ours] = theirs
+    inputs = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items() if k != "samples"}
+    torch.manual_seed(0)
+    with torch.device(device):
+        if impl == "ours":
+            net = M.GLM4V(cfg).init_weights().to(dtype)
+            step_inputs = {k: inputs[k] for k in pretrain.MODEL_INPUTS}
+            loss_fn = lambda: -net(**step_inputs).float().sum() / (inputs["labels"] != -100).sum()  # noqa: E731
+        else:
+            import transformers
+
+            hf_cfg = transformers.Glm4vConfig(**cfg.to_hf())
+            hf_cfg._attn_implementation = "sdpa"
+            net = transformers.Glm4vForConditionalGeneration(hf_cfg).to(dtype)
+            ids = inputs["input_ids"]
+            in_video = (ids == cfg.video_start_token_id).cumsum(-1) > (ids == cfg.video_end_token_id).cumsum(-1)
+            mm = (ids == cfg.image_token_id).long() * (1 + in_video.long())
+            hf_inputs = dict(input_ids=ids, labels=inputs["labels"], pixel_values=inputs["pixel_values"],
+                             image_grid_thw=inputs["image_grid_thw"], mm_token_type_ids=mm)
+            loss_fn = lambda: net(**hf_inputs).loss  # noqa: E731
+    optimizer = torch.optim.AdamW(net.parameters(), lr=1e-4, fused=device == "cuda")
+
+    def step():
+        loss_fn().backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    seconds, peak = measure(step, device, repeats)
+    flops = pretrain.flops_per_token(cfg, seq_len) * seq_len
+    peak_flops = pretrain.peak_flops(torch.device(device))
+    return {"seconds": seconds, "peak_bytes": peak, "tokens": seq_len, "mfu": flops / seconds / peak_flops
+            if peak_flops else None}
+
+
+def bench_train(args) -> list:
+    ours, ref = in_subprocess("train-ours", args), in_subprocess("train-reference", args)
+    what = "tiny preset, 512 tokens, fp32" if args.device == "cpu" else \
+        f"9B widths, {args.train_depth} layers, 8192 tokens, bf16"
+    mfu = f", MFU {ours['mfu']:.1%}" if ours["mfu"] else ""
+    return [{"name": f"training step ({what}) vs transformers",
+             "ours": f"{ours['tokens'] / ours['seconds']:.0f} tok/s{mfu}",
+             "peer": f"{ref['tokens'] / ref['seconds']:.0f} tok/s",
+             "ratio": f"{ref['seconds'] / ours['seconds']:.2f}x faster", "units": "tokens/s"}]
+
+
 def bench_rewards(args) -> list:
     import rewards
 
@@ -141,8 +210,8 @@ def bench_sample(args) -> list:
     return sample.bench_sample(args.device)
 
 
-SECTIONS = {"vision": bench_vision, "kernels": bench_kernels, "sample": bench_sample, "data": bench_data,
-            "rewards": bench_rewards}
+SECTIONS = {"vision": bench_vision, "kernels": bench_kernels, "train": bench_train, "sample": bench_sample,
+            "data": bench_data, "rewards": bench_rewards}
 COLUMNS = ("name", "ours", "peer", "ratio", "units")
 
 
@@ -160,6 +229,8 @@ def main():
     parser.add_argument("--only", default="", help="comma-separated sections to run: " + ", ".join(SECTIONS))
     parser.add_argument("--vision-depth", type=int, default=None,
                         help="ViT depth for the vision bench (default: 24 on GPU, 2 on CPU)")
+    parser.add_argument("--train-depth", type=int, default=4,
+                        help="decoder layers of the depth-truncated 9B in the GPU training bench")
     parser.add_argument("--repeats", type=int, default=3, help="timed repetitions per case (median reported)")
     parser.add_argument("--case", help=argparse.SUPPRESS)
     parser.add_argument("--device", default=None, help=argparse.SUPPRESS)
@@ -170,7 +241,10 @@ def main():
     args.vision_depth = args.vision_depth or (24 if args.device == "cuda" else 2)
     if args.case:  # a single measurement in this fresh process
         section, impl = args.case.split("-", 1)
-        result = {"vision": vision_case}[section](impl, args.device, args.vision_depth, args.repeats)
+        if section == "vision":
+            result = vision_case(impl, args.device, args.vision_depth, args.repeats)
+        else:
+            result = train_case(impl, args.device, args.train_depth, args.repeats)
         print(json.dumps(result))
         return
     sections = [s for s in args.only.split(",") if s] or list(SECTIONS)

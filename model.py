@@ -448,20 +448,18 @@ class GLM4V(nn.Module):
         files = checkpoint_files(path)
         with torch.device("meta"):
             model = cls(cfg)
-        expected = {name: p for name, p in model.state_dict().items()}
-        found = {}
+        found = {}  # name -> shape, read from the safetensors headers only
         for file in files:
             with safe_open(file, framework="pt") as f:
-                for name in f.keys():
-                    found[name] = (file, tuple(f.get_slice(name).get_shape()))
-        check_tensor_names(expected, {n: s for n, (_, s) in found.items()}, path)
+                found.update({name: tuple(f.get_slice(name).get_shape()) for name in f.keys()})
+        check_tensor_names(model.state_dict(), found, path)
         dtype = dtype or _checkpoint_dtype(files[0])
         model = model.to(dtype).to_empty(device=device)  # the cast is free on meta; memory is allocated once
         state = model.state_dict()
-        for file in files:
-            with safe_open(file, framework="pt", device=str(device)) as f:
-                for name in f.keys():
-                    with torch.no_grad():
+        with torch.no_grad():
+            for file in files:
+                with safe_open(file, framework="pt", device=str(device)) as f:
+                    for name in f.keys():
                         state[name].copy_(f.get_tensor(name))
         return model.eval()
 

@@ -52,6 +52,8 @@ class TrainConfig:
     preset: str = _f("tiny", "model preset from model.PRESETS (tiny | 9b); ignored with --init-from")
     stage: str = _f("pretrain", "pretrain (stage 1) | long (stage 2: long context + video) | sft")
     data: str = _f("", "JSONL file of {messages, images, videos} or {image, text} records; default: synthetic world")
+    tasks: str = _f("", "synthetic world: comma-separated domains to train on (default: all of the stage's)")
+    levels: str = _f("", "synthetic world: comma-separated difficulty levels 1-5 (default: all)")
     out: str = _f("", "output directory (metrics.jsonl, checkpoints, HF export); default runs/<stage>")
     init_from: str = _f("", "start from this Hugging Face-format checkpoint directory (e.g. the released 9B)")
     resume: bool = _f(False, "continue from the latest checkpoint in --out")
@@ -409,10 +411,15 @@ def data_source(tc: TrainConfig):
     1, paper §3.2), reasoning conversations for SFT."""
     if tc.data:
         return data.JsonlSource(tc.data)
+    levels = tuple(int(x) for x in tc.levels.split(",")) if tc.levels else data.LEVELS
+    if tc.tasks:
+        tasks = tuple(tc.tasks.split(","))
+    else:
+        tasks = data.TASKS if tc.stage != "pretrain" else tuple(t for t in data.TASKS if t != "video_grounding")
     if tc.stage == "sft":
-        return data.SyntheticSource(kind="sft", split="train", seed=tc.seed, no_think_share=tc.no_think_share)
-    tasks = data.TASKS if tc.stage == "long" else tuple(t for t in data.TASKS if t != "video_grounding")
-    return data.SyntheticSource(kind="caption", split="train", seed=tc.seed, tasks=tasks)
+        return data.SyntheticSource(kind="sft", split="train", seed=tc.seed, tasks=tasks, levels=levels,
+                                    no_think_share=tc.no_think_share)
+    return data.SyntheticSource(kind="caption", split="train", seed=tc.seed, tasks=tasks, levels=levels)
 
 
 MODEL_INPUTS = ("input_ids", "position_ids", "cu_seqlens", "pixel_values", "image_grid_thw", "pixel_values_videos",
