@@ -210,8 +210,14 @@ def bench_sample(args) -> list:
     return sample.bench_sample(args.device)
 
 
+def bench_rlcs(args) -> list:
+    import rlcs
+
+    return rlcs.bench_rlcs(args.device)
+
+
 SECTIONS = {"vision": bench_vision, "kernels": bench_kernels, "train": bench_train, "sample": bench_sample,
-            "data": bench_data, "rewards": bench_rewards}
+            "rlcs": bench_rlcs, "data": bench_data, "rewards": bench_rewards}
 COLUMNS = ("name", "ours", "peer", "ratio", "units")
 
 
