@@ -4,6 +4,7 @@
     python rlcs.py --tiny --init-from runs/sft             # RL on all eight domains at once
     python rlcs.py --eval runs/rlcs                        # held-out greedy accuracy per domain, one JSON line
     python rlcs.py --plot runs/rlcs                        # reward per domain and the tier distribution, as PNGs
+    python rlcs.py --compare runs/sft,runs/rlcs --out docs/rl_helps   # held-out table and charts of several runs
     torchrun --nproc_per_node 8 rlcs.py --preset 9b --init-from runs/sft --data prompts.jsonl
 
 One iteration: the curriculum picks prompts from a fixed training pool → every prompt gets G rollouts from
@@ -140,6 +141,8 @@ class RLConfig:
     # evaluation
     eval_every: int = _f(0, "held-out greedy evaluation every N iterations into metrics.jsonl (0: off)")
     eval_n: int = _f(0, "held-out items per domain for --eval and --eval-every (default: per preset)")
+    eval_temperature: float = _f(0.0, "--eval: 0 is greedy; above 0, the mean reward of one reply sampled at this "
+                                 "temperature per item (the quantity RL optimises)")
     # checkpoints and the model
     save_every: int = _f(50, "checkpoint every N iterations (0: only at the end)")
     keep_checkpoints: int = _f(2, "how many training checkpoints to keep")
@@ -152,11 +155,15 @@ class RLConfig:
     grade: bool = _f(False, "write the offline difficulty (pass rate and pass@k per pool item) and exit")
     eval: str = _f("", "print the held-out greedy accuracy per domain of this checkpoint as JSON and exit")
     plot: str = _f("", "draw reward.png, tiers.png and tier_pass.png from DIR/metrics.jsonl and exit")
+    compare: str = _f("", "comma-separated run directories: print their held-out table (each one's eval.json, "
+                      "written by --eval) and draw heldout.png and training curves into --out, then exit")
 
 
 # Per preset: a laptop-sized run for tiny; for the 9B our guesses at the paper's scale (it gives no numbers).
+# tiny lr: measured from the tiny SFT checkpoint, 40 iterations — 1e-4 and 3e-5 wreck OCR (10.5% → 0.7% / 4.1%,
+# the thinking shrinks to a few garbled words), 1e-5 leaves every domain within noise (README, "in miniature").
 DEFAULTS = {
-    "tiny": dict(max_steps=200, pool_size=40, group_size=8, groups_per_step=8, max_new_tokens=128, lr=1e-4,
+    "tiny": dict(max_steps=40, pool_size=40, group_size=8, groups_per_step=8, max_new_tokens=128, lr=1e-5,
                  eval_n=20, answer_room=32),
     "9b": dict(max_steps=2000, pool_size=400, group_size=16, groups_per_step=64, max_new_tokens=16384, lr=1e-6,
                eval_n=100, answer_room=1024, micro_batch=4, rollout_batch=32, activation_checkpointing=True),
@@ -417,10 +424,14 @@ def jsonl_pool(path: str, tasks=None) -> list:
 def build_pool(rc: RLConfig) -> list:
     if rc.data:
         return jsonl_pool(rc.data, task_list(rc.tasks))
-    levels = [int(v) for v in task_list(rc.levels)] or data.LEVELS
+    return synthetic_pool(task_list(rc.tasks) or list(rewards.TASKS), rc.pool_size, rc.seed, pool_levels(rc))
+
+
+def pool_levels(rc: RLConfig) -> list:
+    levels = [int(v) for v in task_list(rc.levels)] or list(data.LEVELS)
     if any(v not in data.LEVELS for v in levels):
         raise ValueError(f"--levels must list levels from {data.LEVELS}, got {rc.levels!r}")
-    return synthetic_pool(task_list(rc.tasks) or list(rewards.TASKS), rc.pool_size, rc.seed, levels)
+    return levels
 
 
 def render_prompt(item: PoolItem, tokenizer, seed: int) -> dict:
@@ -787,6 +798,8 @@ def train(rc: RLConfig):
             row[f"reward_{task}"] = float(scores[rows_of].mean())
             if task in lenient:
                 row[f"strict_reward_{task}"] = float(strict[rows_of].mean())
+        if lenient:
+            row["strict_reward"] = float(strict.mean())
         picked_tiers = curriculum.tier[picks]
         for t, name in enumerate(TIERS):
             here = picked_tiers == t
@@ -797,7 +810,7 @@ def train(rc: RLConfig):
         if rc.eval_every and step % rc.eval_every == 0:
             row.update({f"eval_{k}": v for k, v in evaluate(roller, tokenizer, task_list(rc.tasks) or rewards.TASKS,
                                                               rc.eval_n, rc.seed, rc.max_new_tokens,
-                                                              rc.think_budget).items()})
+                                                              rc.think_budget, levels=pool_levels(rc)).items()})
         metrics.write(row)
         bar.update(1)
         bar.set_postfix(reward=f"{row['reward']:.3f}", informative=f"{1 - row['invalid_group_rate']:.2f}",
@@ -868,17 +881,21 @@ def grade(rc: RLConfig):
 
 @torch.no_grad()
 def evaluate(model, tokenizer, tasks, n: int, seed: int, max_new_tokens: int, think_budget: int,
-             batch_size: int = 64, progress: bool = False) -> dict:
-    """Greedy accuracy (mean strict reward) on n held-out items per domain (levels 1–5 in turn), batched and, under
-    torchrun, split across ranks. Returns {domain: accuracy, "mean": mean over domains}."""
+             batch_size: int = 64, progress: bool = False, levels=data.LEVELS, temperature: float = 0.0) -> dict:
+    """Greedy accuracy (mean strict reward) on n held-out items per domain (the levels in turn), batched and, under
+    torchrun, split across ranks; temperature > 0: the mean reward of one sampled reply per item instead (what RL
+    optimises). Returns {domain: accuracy, "mean": mean over domains}."""
     rank, world = rank_world()
+    levels = list(levels)
     jobs = [(task, i) for task in tasks for i in range(n)][rank::world]
     force_ids = tokenizer.encode("</think><answer>")
     sums = torch.zeros(len(tasks), 2, dtype=torch.float64)  # (score sum, count) per domain
     for start in tqdm(range(0, len(jobs), batch_size), disable=not progress or rank != 0, desc="eval", unit="batch"):
-        items = [data.make_item(task, i, seed, "heldout") for task, i in jobs[start:start + batch_size]]
+        items = [data.make_item(task, i, seed, "heldout", levels[i % len(levels)])
+                 for task, i in jobs[start:start + batch_size]]
         replies = rollout(model, [it.prompt(tokenizer) for it in items], 1, max_new_tokens, think_budget, force_ids,
-                          temperature=0.0)
+                          temperature=temperature, generator=noise_generator(model.lm_head.weight.device, seed, start,
+                                                                             rank, 2))
         for it, reply in zip(items, replies):
             sums[list(tasks).index(it.task)] += torch.tensor(
                 [rewards.score(it.task, tokenizer.decode(reply), it.answer), 1.0], dtype=torch.float64)
@@ -892,10 +909,18 @@ def run_eval(rc: RLConfig):
     rank, world, device = pretrain.setup_distributed()
     model, tokenizer = load_for_inference(rc.eval, device)
     tasks = task_list(rc.tasks) or list(rewards.TASKS)
+    levels = pool_levels(rc)
     accuracy = evaluate(model, tokenizer, tasks, rc.eval_n, rc.seed, rc.max_new_tokens, rc.think_budget,
-                        progress=True)
+                        progress=True, levels=levels, temperature=rc.eval_temperature)
     if rank == 0:
-        print(json.dumps({"checkpoint": rc.eval, "n_per_domain": rc.eval_n, "seed": rc.seed, **accuracy}))
+        result = {"checkpoint": rc.eval, "n_per_domain": rc.eval_n, "seed": rc.seed, "levels": levels,
+                  "temperature": rc.eval_temperature, **accuracy}
+        print(json.dumps(result))
+        try:  # next to the weights, for --compare; a read-only checkpoint directory only loses the record
+            name = "eval.json" if rc.eval_temperature == 0 else f"eval_t{rc.eval_temperature:g}.json"
+            pretrain.write_atomic(os.path.join(rc.eval, name), json.dumps(result, indent=1) + "\n")
+        except OSError as e:
+            warnings.warn(f"could not write the evaluation into {rc.eval}: {e}")
     if dist.is_initialized():
         dist.destroy_process_group()
     return accuracy
@@ -926,8 +951,9 @@ def _nice_step(span: float, ticks: int = 6) -> float:
 
 
 def chart(title: str, xs, series, y_label: str, y_max: float = 1.0, stacked: bool = False,
-          size=(820, 440)):
-    """A line chart (or a stacked area chart) of series [(name, values, colour)] over xs, legend on the right."""
+          size=(820, 440), x_label: str = "iteration"):
+    """A line chart (or a stacked area chart) of series [(name, values, colour)] over xs (the x range; a line
+    series may give its own x values: (name, values, colour, xs)), legend on the right."""
     from PIL import Image, ImageDraw, ImageFont
 
     W, H = size
@@ -955,19 +981,20 @@ def chart(title: str, xs, series, y_label: str, y_max: float = 1.0, stacked: boo
         d.line([(qx, H - bottom), (qx, H - bottom + 4)], fill="black")
         d.text((qx, H - bottom + 6), f"{tick:g}", fill="black", font=font, anchor="mt")
         tick += step
-    d.text(((left + W - right) / 2, H - 14), "iteration", fill="black", font=font, anchor="mm")
+    d.text(((left + W - right) / 2, H - 14), x_label, fill="black", font=font, anchor="mm")
     d.text((8, top - 20), y_label, fill="black", font=font)
     base = [0.0] * len(xs)
-    for name, values, color in series:
+    own_xs = {entry[0]: entry[3] for entry in series if len(entry) > 3}
+    for name, values, color, *_ in series:
         if stacked:
             top_line = [b + (v or 0.0) for b, v in zip(base, values)]
             polygon = [px(x, y) for x, y in zip(xs, top_line)] + [px(x, y) for x, y in zip(xs[::-1], base[::-1])]
             if len(polygon) >= 3:
                 d.polygon(polygon, fill=color)
             base = top_line
-        else:
+        else:  # a series may bring its own x values as a 4th element (runs of different lengths)
             segment = []
-            for x, v in zip(xs, values):
+            for x, v in zip(own_xs.get(name, xs), values):
                 if v is None:
                     segment = []
                     continue
@@ -975,7 +1002,7 @@ def chart(title: str, xs, series, y_label: str, y_max: float = 1.0, stacked: boo
                 if len(segment) >= 2:
                     d.line(segment[-2:], fill=color, width=2)
     d.rectangle([left, top, W - right, H - bottom], outline="black")
-    for k, (name, _, color) in enumerate(series):  # legend
+    for k, (name, _, color, *_) in enumerate(series):  # legend
         ly = top + 4 + 18 * k
         d.rectangle([W - right + 12, ly, W - right + 24, ly + 12], fill=color)
         d.text((W - right + 30, ly + 6), name, fill="black", font=font, anchor="lm")
@@ -1016,6 +1043,110 @@ def plot(out: str) -> list:
     return written
 
 
+def bar_chart(title: str, groups, series, y_label: str, y_max: float = 1.0, size=(900, 420)):
+    """Grouped bars: for each name in groups, one bar per series [(name, values, colour)], legend on the right."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    W, H = size
+    left, right, top, bottom = 58, 190, 48, 44
+    image = Image.new("RGB", size, "white")
+    d = ImageDraw.Draw(image)
+    font, bold = ImageFont.load_default(size=12), ImageFont.load_default(size=14)
+    plot_h = H - top - bottom
+    d.text((left, 8), title, fill="black", font=bold)
+    for k in range(5):
+        y = H - bottom - k / 4 * plot_h
+        d.line([(left, y), (W - right, y)], fill=(225, 225, 225))
+        d.text((left - 6, y), f"{y_max * k / 4:g}", fill="black", font=font, anchor="rm")
+    slot = (W - left - right) / max(len(groups), 1)
+    bar = slot * 0.8 / max(len(series), 1)
+    for g, group in enumerate(groups):
+        x = left + g * slot + slot * 0.1
+        for name, values, color in series:
+            v = min(max(values[g], 0.0), y_max)
+            d.rectangle([x, H - bottom - v / y_max * plot_h, x + bar - 1, H - bottom], fill=color)
+            x += bar
+        d.text((left + (g + 0.5) * slot, H - bottom + 6), group.replace("video_grounding", "video"),
+               fill="black", font=font, anchor="mt")
+    d.text((8, top - 20), y_label, fill="black", font=font)
+    d.rectangle([left, top, W - right, H - bottom], outline="black")
+    for k, (name, _, color) in enumerate(series):
+        ly = top + 4 + 18 * k
+        d.rectangle([W - right + 12, ly, W - right + 24, ly + 12], fill=color)
+        d.text((W - right + 30, ly + 6), name, fill="black", font=font, anchor="lm")
+    return image
+
+
+def compare(runs, out: str) -> str:
+    """The held-out table of several runs (each directory's eval.json, from --eval) as Markdown, the first run the
+    baseline of the Δ columns; draws out/heldout.png (bars per domain) and, for runs with a metrics.jsonl,
+    out/reward.png (training reward against rollouts) and out/heldout_curve.png (the --eval-every accuracy)."""
+    results = []
+    for run in runs:
+        path = os.path.join(run, "eval.json")
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{path} not found: run `python rlcs.py --eval {run}` first")
+        with open(path) as f:
+            results.append(json.load(f))
+    tasks = [t for t in rewards.TASKS if all(t in r for r in results)] + ["mean"]
+    names = [os.path.basename(os.path.normpath(run)) for run in runs]
+    header = ["domain"] + names + [f"Δ {n}" for n in names[1:]]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for t in tasks:
+        cells = [f"{100 * r[t]:.1f}" for r in results] + [f"{100 * (r[t] - results[0][t]):+.1f}" for r in results[1:]]
+        lines.append(f"| {'**mean**' if t == 'mean' else t} | " + " | ".join(cells) + " |")
+    n = {r["n_per_domain"] for r in results}
+    lines.append(f"\nheld-out greedy accuracy (%), {'/'.join(map(str, sorted(n)))} items per domain")
+    os.makedirs(out, exist_ok=True)
+    colors = [PALETTE[k % len(PALETTE)] for k in range(len(runs))]
+    images = {"heldout.png": bar_chart("Held-out greedy accuracy per domain", tasks,
+                                       [(nm, [r[t] for t in tasks], c) for nm, r, c in zip(names, results, colors)],
+                                       "accuracy")}
+    curves = []
+    for run, name, color in zip(runs, names, colors):
+        path = os.path.join(run, "metrics.jsonl")
+        if os.path.exists(path):  # an RL run (a pretrain/SFT metrics.jsonl has no rollouts)
+            with open(path) as f:
+                rows = [json.loads(line) for line in f if line.strip()]
+            if rows and "rollouts" in rows[0]:
+                curves.append((name, rows, color))
+    if curves:
+        xs = [0] + [r["rollouts"] for _, rows, _ in curves for r in rows]  # the x range
+        window = max(1, max(len(rows) for _, rows, _ in curves) // 10)
+        series = [(name, smooth([r["reward"] for r in rows], window), c, [r["rollouts"] for r in rows])
+                  for name, rows, c in curves]
+        # a run with --lenient-verifier: also its strict reward, and the lenient domains on their own (lighter)
+        lenient = {name: sorted({k[len("strict_reward_"):] for r in rows for k in r if k.startswith("strict_reward_")})
+                   for name, rows, _ in curves}
+        for name, rows, c in curves:
+            if lenient[name]:
+                dark, light = tuple(v // 2 for v in c), tuple((v + 255) // 2 for v in c)
+                series.append((name + " (strict)", smooth([r.get("strict_reward") for r in rows], window), dark,
+                               [r["rollouts"] for r in rows]))
+                series += [(f"{name}: {t}", smooth([r.get(f"reward_{t}") for r in rows], window), light,
+                            [r["rollouts"] for r in rows]) for t in lenient[name]]
+        images["reward.png"] = chart(f"Training reward (moving average of {window})", xs, series, "reward",
+                                     y_max=1.0 if any(lenient.values()) else 0.5, x_label="rollouts")
+        evaluated = [(name, [r for r in rows if "eval_mean" in r], c) for name, rows, c in curves]
+        if any(rows for _, rows, _ in evaluated):
+            base = [(f"{names[0]} (mean)", [results[0]["mean"]] * 2, (0, 0, 0), [0, max(xs)])]
+            series = base + [(name, [r["eval_mean"] for r in rows], c, [r["rollouts"] for r in rows])
+                             for name, rows, c in evaluated if rows]
+            for t in sorted({t for ts in lenient.values() for t in ts if t in results[0]}):
+                series.append((f"{names[0]}: {t}", [results[0][t]] * 2, (150, 150, 150), [0, max(xs)]))
+            for name, rows, c in evaluated:
+                light = tuple((v + 255) // 2 for v in c)
+                series += [(f"{name}: {t}", [r.get(f"eval_{t}") for r in rows], light, [r["rollouts"] for r in rows])
+                           for t in lenient[name] if rows]
+            images["heldout_curve.png"] = chart("Held-out greedy accuracy during training (--eval-every)", xs, series,
+                                                "accuracy", y_max=0.5, x_label="rollouts")
+    for name, image in images.items():
+        image.quantize(64).save(os.path.join(out, name), optimize=True)
+    table = "\n".join(lines)
+    pretrain.write_atomic(os.path.join(out, "table.md"), table + "\n")
+    return table
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Entry point
 # ---------------------------------------------------------------------------------------------------------------
@@ -1026,6 +1157,8 @@ def main(argv=None):
     try:
         if rc.plot:
             print("\n".join(plot(rc.plot)))
+        elif rc.compare:
+            print(compare(task_list(rc.compare), rc.out))
         elif rc.eval:
             run_eval(rc)
         elif rc.grade:

@@ -514,6 +514,20 @@ def test_grade_then_train_eval_and_plot(sft_checkpoint, tmp_path, capsys):
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert set(result) >= {"choice", "counting", "mean", "checkpoint"} and result["n_per_domain"] == 3
     assert 0 <= result["choice"] <= 1 and result["mean"] == pytest.approx((result["choice"] + result["counting"]) / 2)
+    assert json.load(open(out / "eval.json")) == result and result["levels"] == [1, 2, 3, 4, 5]
+    rlcs.main(["--eval", str(out), "--tasks", "choice", "--eval-n", "2", "--max-new-tokens", "40", "--levels", "2",
+               "--eval-temperature", "1"])  # sampled, on level 2 only: its own file, eval.json untouched
+    sampled = json.load(open(out / "eval_t1.json"))
+    assert sampled["temperature"] == 1.0 and sampled["levels"] == [2] and json.load(open(out / "eval.json")) == result
+
+    capsys.readouterr()
+    rlcs.main(["--compare", f"{out},{out}", "--out", str(tmp_path / "cmp")])
+    table = capsys.readouterr().out
+    assert "| choice |" in table and "| **mean** |" in table and f"Δ {out.name}" in table
+    with pytest.raises(SystemExit, match="eval.json not found"):
+        rlcs.main(["--compare", f"{tmp_path / 'nowhere'},{out}", "--out", str(tmp_path / "cmp")])
+    for name in ("heldout.png", "reward.png", "heldout_curve.png", "table.md"):
+        assert (tmp_path / "cmp" / name).exists() and (tmp_path / "cmp" / name).stat().st_size < 200_000, name
 
     rlcs.main(["--plot", str(out)])
     for name in ("reward.png", "tiers.png", "tier_pass.png"):
