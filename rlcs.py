@@ -1099,9 +1099,10 @@ def compare(runs, out: str) -> str:
     lines.append(f"\nheld-out greedy accuracy (%), {'/'.join(map(str, sorted(n)))} items per domain")
     os.makedirs(out, exist_ok=True)
     colors = [PALETTE[k % len(PALETTE)] for k in range(len(runs))]
+    highest = max(r[t] for r in results for t in tasks)
     images = {"heldout.png": bar_chart("Held-out greedy accuracy per domain", tasks,
                                        [(nm, [r[t] for t in tasks], c) for nm, r, c in zip(names, results, colors)],
-                                       "accuracy")}
+                                       "accuracy", y_max=0.5 if highest <= 0.5 else 1.0)}
     curves = []
     for run, name, color in zip(runs, names, colors):
         path = os.path.join(run, "metrics.jsonl")
