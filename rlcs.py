@@ -17,7 +17,9 @@ What we keep from GRPO and what we drop (the paper's choices, most of them DAPO'
   network; the PPO clipped ratio against the old policy, i.e. the weights that produced the rollouts (its
   log-probs are recomputed by the training model before the first optimizer step, for the mini-batches after the
   first; the first step is on-policy, ratio exactly 1).
-- dropped: the KL penalty (no reference model is loaded at all) and the entropy bonus.
+- dropped: the KL penalty (no reference model is loaded at all) and the entropy bonus. `--kl-coef β` puts the
+  KL back as an experiment (not the paper's recipe): β · k3 per token against a frozen copy of the starting policy,
+  k3 = exp(ref − logp) − (ref − logp) − 1, averaged like the surrogate.
 - changed: clip-higher — the ratio is clipped to [1 − ε_low, 1 + ε_high] = [0.8, 1.28], so unlikely tokens with
   a positive advantage can grow further before the clip stops them (keeps entropy up); per-sample loss averaging —
   each response's token-mean loss, then the mean over responses (long replies do not outweigh short ones); top-p 1
@@ -123,6 +125,8 @@ class RLConfig:
     grad_clip: float = _f(1.0, "clip the global gradient norm to this (0: off)")
     clip_low: float = _f(0.2, "ε_low: the ratio is clipped below at 1 − ε_low")
     clip_high: float = _f(0.28, "ε_high: clip-higher, the ratio is clipped above at 1 + ε_high")
+    kl_coef: float = _f(0.0, "β of a per-token KL penalty (k3) to a frozen copy of the starting policy; the paper "
+                        "uses none (0)")
     updates_per_batch: int = _f(2, "optimizer steps per rollout batch, each on its own slice of the kept groups")
     micro_batch: int = _f(0, "responses per forward/backward (gradient accumulation; 0: a rank's whole slice)")
     # dynamic sampling expansion
@@ -561,14 +565,25 @@ def policy_logprobs(model, batch: dict, autocast) -> torch.Tensor:
                      **{k: batch[k] for k in VISION_KEYS}).float()
 
 
-def policy_update(model, optimizer, parts, rc: RLConfig, world: int, n_responses: int, autocast) -> dict:
+def kl_k3(logprobs, ref_logprobs, mask):
+    """Per-response mean over its tokens of k3 = exp(ref − logp) − (ref − logp) − 1, an unbiased, non-negative
+    estimate of KL(policy ‖ reference) from the policy's own samples (B,)."""
+    mask = mask.bool()
+    delta = (ref_logprobs - logprobs).masked_fill(~mask, 0.0)
+    k3 = torch.exp(delta) - delta - 1
+    return (k3 * mask).sum(1) / mask.sum(1).clamp(min=1)
+
+
+def policy_update(model, optimizer, parts, rc: RLConfig, world: int, n_responses: int, autocast,
+                  reference=None) -> dict:
     """One optimizer step on this rank's micro-batches `parts` [(batch, advantages (B,), old log-probs (B, T) or
     None)]. The loss is the mean over all n_responses responses of the global mini-batch (per-sample averaging), so
     any split across ranks and micro-batches gives the same step. old None: on-policy, old = current (ratio 1).
-    Without a single nonzero advantage in the global mini-batch the step is skipped: the gradient is zero, and Adam's
-    momentum alone must not move the weights."""
+    With a reference model, rc.kl_coef × its k3 KL is added per response. Without a single nonzero advantage in the
+    global mini-batch the step is skipped: the gradient is zero, and Adam's momentum alone must not move the
+    weights."""
     device = next(model.parameters()).device
-    loss_sum, clipped, tokens = (torch.zeros((), device=device) for _ in range(3))
+    loss_sum, clipped, tokens, kl_sum = (torch.zeros((), device=device) for _ in range(4))
     informative = torch.tensor(float(any(bool((a != 0).any()) for _, a, _ in parts)), device=device)
     for i, (batch, advantages, old) in enumerate(parts):
         if hasattr(model, "set_requires_gradient_sync"):  # FSDP2: reduce-scatter after the last micro-batch only
@@ -577,12 +592,18 @@ def policy_update(model, optimizer, parts, rc: RLConfig, world: int, n_responses
         mask = batch["labels"] != -100
         per_sample, is_clipped = grpo_loss(logprobs, logprobs.detach() if old is None else old, advantages, mask,
                                            rc.clip_low, rc.clip_high)
+        if reference is not None:
+            with torch.no_grad():
+                ref_logprobs = policy_logprobs(reference, batch, autocast)
+            kl = kl_k3(logprobs, ref_logprobs, mask)
+            per_sample = per_sample + rc.kl_coef * kl
+            kl_sum += kl.detach().sum()
         # FSDP averages gradients over ranks; × world turns that into the mean over the global mini-batch
         (per_sample.sum() * world / n_responses).backward()
         loss_sum += per_sample.detach().sum()
         clipped += is_clipped.sum()
         tokens += mask.sum()
-    stats = pretrain.all_reduce_sum(torch.stack([loss_sum, clipped, tokens, informative]))
+    stats = pretrain.all_reduce_sum(torch.stack([loss_sum, clipped, tokens, informative, kl_sum]))
     params = [p for p in model.parameters() if p.grad is not None]
     grad_norm = torch.nn.utils.clip_grad_norm_(params, rc.grad_clip or float("inf"))
     if hasattr(grad_norm, "full_tensor"):
@@ -594,7 +615,7 @@ def policy_update(model, optimizer, parts, rc: RLConfig, world: int, n_responses
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return dict(loss=loss, grad_norm=float(grad_norm), clip_fraction=float(stats[1] / stats[2].clamp(min=1)), ok=ok,
-                stepped=stepped)
+                stepped=stepped, kl=float(stats[4]) / n_responses)
 
 
 @torch.no_grad()
@@ -614,13 +635,18 @@ def rollout_model(policy, cfg: M.Config, device, world: int):
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     if world == 1 and dtype == torch.float32:
         return policy
+    return frozen_copy(policy, cfg, device, dtype)
+
+
+def frozen_copy(policy, cfg: M.Config, device, dtype):
+    """An unsharded, gradient-free copy of the policy's current weights in dtype."""
     with torch.device("meta"):
-        roller = M.GLM4V(cfg)
-    roller = roller.to(dtype).to_empty(device=device).eval()
-    for p in roller.parameters():
+        copy = M.GLM4V(cfg)
+    copy = copy.to(dtype).to_empty(device=device).eval()
+    for p in copy.parameters():
         p.requires_grad_(False)
-    sync_weights(policy, roller)
-    return roller
+    sync_weights(policy, copy)
+    return copy
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -669,6 +695,9 @@ def train(rc: RLConfig):
     cfg, state, tokenizer = pretrain.initial_state(rc, rank)
     policy = pretrain.build_model(rc, cfg, state, device, world)
     del state
+    # --kl-coef: the starting policy, frozen before any resume (for the 9B one more unsharded bf16 copy per GPU)
+    reference = frozen_copy(policy, cfg, device, torch.bfloat16 if device.type == "cuda" else torch.float32) \
+        if rc.kl_coef > 0 else None
     optimizer = pretrain.build_optimizer(policy, rc, device)
     pool = build_pool(rc)
     if len(pool) < K:
@@ -764,7 +793,7 @@ def train(rc: RLConfig):
         for group in optimizer.param_groups:
             group["lr"] = lr
         updates = [policy_update(policy, optimizer, [(b, a, o) for (b, a), o in zip(micro, old)], rc, world,
-                                 K // U * G, autocast) for micro, old in zip(batches, olds)]
+                                 K // U * G, autocast, reference) for micro, old in zip(batches, olds)]
         sync_weights(policy, roller)
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -785,6 +814,7 @@ def train(rc: RLConfig):
                "reward": float(scores.mean()), "lr": lr,
                "grad_norm": float(np.mean([u["grad_norm"] for u in updates])),
                "clip_fraction": float(np.mean([u["clip_fraction"] for u in updates])),
+               "kl": float(np.mean([u["kl"] for u in updates])),
                "invalid_group_rate": float(invalid.float().mean()),
                "kept_informative": float((~invalid[kept]).float().mean()),
                "expansion": expansion_used, "prompts": n,

@@ -328,6 +328,38 @@ def test_micro_batches_give_the_same_step(random_micro):
     assert not torch.equal(after[0]["lm_head.weight"], model.lm_head.weight)
 
 
+def test_kl_penalty_k3(random_micro):
+    """k3 is 0 where the policy equals the reference and positive elsewhere; against a reference equal to the policy
+    its gradient is 0, so --kl-coef changes nothing at the first step."""
+    logp, ref = torch.tensor([[-1.0, -2.0, -3.0]]), torch.tensor([[-1.0, -1.0, -9.0]])
+    mask = torch.tensor([[1, 1, 0]])
+    d = torch.tensor(1.0)  # ref − logp on the second token; the third is masked
+    assert rlcs.kl_k3(logp, logp, mask).item() == 0.0
+    assert rlcs.kl_k3(logp, ref, mask).item() == pytest.approx(((torch.exp(d) - d - 1) / 2).item())
+
+    model, tok = random_micro
+    _, prompts = choice_prompts(tok, 2)
+    replies = rlcs.rollout(model, prompts, 3, 10, 0, [], generator=torch.Generator().manual_seed(2))
+    advantages = rlcs.group_advantages(torch.tensor([[1.0, 0, 0], [0, 1, 1]])).flatten()
+    rows = [(prompts[k // 3], replies[k], advantages[k]) for k in range(6)]
+    parts = [(b, a, None) for b, a in rlcs.micro_batches(rows, 0, MICRO, CPU)]
+    rc = rlcs.resolve(rlcs.RLConfig(grad_clip=0.0, kl_coef=0.5))
+    after, reference = [], rlcs.frozen_copy(model, MICRO, CPU, torch.float32)
+    for ref in (None, reference):
+        copy = M.GLM4V(MICRO)
+        copy.load_state_dict(model.state_dict())
+        optimizer = torch.optim.SGD(copy.parameters(), lr=1.0)
+        stats = rlcs.policy_update(copy, optimizer, parts, rc, 1, len(rows), NO_AUTOCAST, ref)
+        assert stats["kl"] == pytest.approx(0.0, abs=1e-6)
+        after.append(copy)
+    for (name, a), b in zip(after[0].state_dict().items(), after[1].state_dict().values()):
+        torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-5, msg=name)
+    # one step later the policy has moved away from the frozen starting point: the KL it reports is positive
+    stats = rlcs.policy_update(after[0], torch.optim.SGD(after[0].parameters(), lr=0.0), parts, rc, 1, len(rows),
+                               NO_AUTOCAST, reference)
+    assert stats["kl"] > 1e-6
+
+
 def test_lenient_verifier_only_where_asked():
     item = rlcs.PoolItem("counting/1/0", "counting", 1, "3")
     hedge = [rlcs.data.tiny_tokenizer().encode(
