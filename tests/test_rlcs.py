@@ -493,6 +493,8 @@ rlcs.policy_update(policy, optimizer, parts, rc, world, 8, torch.autocast("cpu",
 rlcs.sync_weights(policy, roller)
 if rank == 0:
     torch.save({"replies": replies, "weights": roller.state_dict()}, sys.argv[2])
+if world > 1:  # gloo's threads must stop before the interpreter exits, or the process may abort on the way out
+    torch.distributed.destroy_process_group()
 """
 
 
