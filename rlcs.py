@@ -791,8 +791,7 @@ def train(rc: RLConfig):
 
         # 5. GRPO updates, then the rollout copy is refreshed
         lr = pretrain.lr_at(step, rc)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        pretrain.set_lr(optimizer, lr)
         updates = [policy_update(policy, optimizer, [(b, a, o) for (b, a), o in zip(micro, old)], rc, world,
                                  K // U * G, autocast, reference) for micro, old in zip(batches, olds)]
         sync_weights(policy, roller)

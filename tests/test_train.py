@@ -172,3 +172,23 @@ def test_pretraining_learns_to_use_the_images(tmp_path):
         real = -net(**inputs).sum() / n
         blank = -net(**{**inputs, "pixel_values": torch.zeros_like(inputs["pixel_values"])}).sum() / n
     assert blank - real > 0.3, (float(real), float(blank))
+
+
+def test_vision_lr_ratio_scales_only_the_vit_and_projector():
+    """--vision-lr-ratio: the ViT and projector groups follow the schedule × the ratio, the decoder the schedule;
+    weight decay stays on matrices only; by default the whole model learns at one rate."""
+    import model as M
+
+    assert pretrain.resolve(pretrain.TrainConfig()).vision_lr_ratio == 1.0
+    with pytest.raises(ValueError, match="vision-lr-ratio"):
+        pretrain.resolve(pretrain.TrainConfig(vision_lr_ratio=0.0))
+    net = M.GLM4V(M.PRESETS["tiny"]).init_weights()
+    optimizer = pretrain.build_optimizer(net, pretrain.resolve(pretrain.TrainConfig(vision_lr_ratio=0.25)),
+                                         torch.device("cpu"))
+    pretrain.set_lr(optimizer, 1e-3)
+    group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+    assert len(group_of) == sum(1 for _ in net.parameters())
+    for name, p in net.named_parameters():
+        group = group_of[id(p)]
+        assert group["lr"] == pytest.approx(2.5e-4 if name.startswith("model.visual.") else 1e-3), name
+        assert group["weight_decay"] == (0.1 if p.dim() >= 2 and "position_embedding" not in name else 0.0), name
