@@ -224,8 +224,13 @@ class Attention(nn.Module):
             k, v = k[:, :, :S].to(q.dtype), v[:, :, :S].to(q.dtype)
             B, H, T, D = q.shape
             if T == 1:  # decode: the H/Hkv query heads of a KV head form one block of rows; no KV head copies
-                out = F.scaled_dot_product_attention(q.reshape(B, self.num_kv_heads, H // self.num_kv_heads, D),
-                                                     k, v, attn_mask=cache_mask)  # (B, Hkv, H/Hkv, D)
+                q = q.reshape(B, self.num_kv_heads, H // self.num_kv_heads, D)
+                if torch.compiler.is_compiling() and q.device.type == "cpu":  # inductor fuses mask + softmax
+                    # into one loop: ~10% faster than the flash kernel for one query (bench.py --only sample)
+                    scores = (q @ k.transpose(-1, -2)) * D ** -0.5  # (B, Hkv, H/Hkv, S)
+                    out = scores.masked_fill(~cache_mask, float("-inf")).softmax(-1) @ v  # (B, Hkv, H/Hkv, D)
+                else:
+                    out = F.scaled_dot_product_attention(q, k, v, attn_mask=cache_mask)  # (B, Hkv, H/Hkv, D)
                 out = out.reshape(B, H, 1, D)
             else:
                 out = F.scaled_dot_product_attention(q, k, v, attn_mask=cache_mask, enable_gqa=True)

@@ -9,8 +9,8 @@ Choices made here (gpt-fast style, no framework):
   encoded once, its features in place of the placeholders); then each decode step feeds one token per row at
   slot T + k. Eagerly, attention reads only the filled slots. Compiled, decode shapes never change (attention
   covers the whole cache, masked), so the step is CUDA-graphed (`torch.compile(mode="reduce-overhead")`, on by
-  default on CUDA, opt-in on CPU where compiling takes a minute); on a GPU the host asks "have all rows ended?"
-  only every 8 steps so that it can queue work ahead.
+  default on CUDA); on a GPU the host asks "have all rows ended?" only every 8 steps so that it can queue work
+  ahead. On a CPU compiling is opt-in (~25 s once per shape) and makes a batch-1 tiny decode ~3× the reference's.
 - **Batches are left-padded.** Rows of any padding side (or holes) are re-packed so that every row's real tokens
   end at the last column; the new tokens of all rows then share one cache slot per step. Padding slots are masked.
 - **3D positions continue from each row's prompt** (paper §2): the prefill positions come from
@@ -101,16 +101,18 @@ def decode_step(model: M.GLM4V, tokens: torch.Tensor, position_ids: torch.Tensor
     return model.forward_cached(x, position_ids, input_pos, kv_len=kv_len)[:, -1].float()
 
 
-_compiled_decode_step = None
+_compiled_decode_steps = {}
 
 
-def compiled_decode_step():
-    """decode_step compiled once per process (gpt-fast): CUDA graphs remove the launch overhead of ~20 kernels per
-    layer, which is most of a batch-1 step's time on a GPU."""
-    global _compiled_decode_step
-    if _compiled_decode_step is None:
-        _compiled_decode_step = torch.compile(decode_step, mode="reduce-overhead", fullgraph=True, dynamic=False)
-    return _compiled_decode_step
+def compiled_decode_step(device_type: str):
+    """decode_step compiled once per process and device type (gpt-fast). On a GPU, CUDA graphs remove the launch
+    overhead of ~20 kernels per layer, most of a batch-1 step's time. On a CPU, where there are no graphs, the
+    Python code that calls the compiled kernels becomes C++ instead (inductor's `cpp_wrapper`): ~15% of a tiny
+    step (`python bench.py --only sample`)."""
+    if device_type not in _compiled_decode_steps:
+        options = dict(mode="reduce-overhead") if device_type == "cuda" else dict(options={"cpp_wrapper": True})
+        _compiled_decode_steps[device_type] = torch.compile(decode_step, fullgraph=True, dynamic=False, **options)
+    return _compiled_decode_steps[device_type]
 
 
 CACHE_ROUNDING = 256  # cache lengths are rounded up, so calls with similar lengths reuse buffers and graphs
@@ -153,7 +155,7 @@ def generate_stream(model: M.GLM4V, input_ids, max_new_tokens: int, temperature:
     if max_new_tokens <= 0:
         return
     compile = device.type == "cuda" if compile is None else compile
-    step = compiled_decode_step() if compile else decode_step
+    step = compiled_decode_step(device.type) if compile else decode_step
 
     # prefill: vision encoded once, the prompt written into the cache chunk by chunk
     S = min(-(-(T + max_new_tokens) // CACHE_ROUNDING) * CACHE_ROUNDING, max_seq_len)
@@ -172,9 +174,11 @@ def generate_stream(model: M.GLM4V, input_ids, max_new_tokens: int, temperature:
     logits = logits[:, -1].float()
 
     # decode state, all on the device; the host only reads `done`
-    next_position = keep.sum(-1) + deltas[:, 0]  # (B,) the position of each row's first new token
+    first_position = keep.sum(-1) + deltas[:, 0]  # (B,) the position of each row's first new token
+    positions = first_position.view(1, B, 1).expand(3, B, 1).clone()  # (3, B, 1), the same on t, h and w
     input_pos = torch.tensor([T], device=device)
-    eos = torch.tensor(cfg.eos_token_ids, device=device)
+    is_eos = torch.zeros(cfg.vocab_size, dtype=torch.bool, device=device)  # a lookup: one op per step, not isin
+    is_eos[list(cfg.eos_token_ids)] = True
     done = torch.zeros(B, dtype=torch.bool, device=device)
     # "have all rows ended?" waits for the device; on a GPU ask every few steps so it can run ahead
     check_every = STOP_CHECK_EVERY.get(device.type, 1)
@@ -194,16 +198,18 @@ def generate_stream(model: M.GLM4V, input_ids, max_new_tokens: int, temperature:
         if return_logprobs:
             logprobs = F.log_softmax(logits / (temperature or 1.0), -1).gather(-1, tokens[:, None])[:, 0]
             logprobs = logprobs.masked_fill(done, 0.0)
-        done |= torch.isin(tokens, eos)
+        done |= is_eos[tokens]
         yield tokens, logprobs
         if k + 1 == max_new_tokens or ((k + 1) % check_every == 0 and bool(done.all())):
             return
-        positions = (next_position + k).view(1, B, 1).expand(3, B, 1).contiguous()
-        if compile:  # static shapes; a CUDA graph's output buffer is overwritten by the next replay: copy it
-            logits = step(model, tokens[:, None], positions, input_pos).clone()
+        if compile:
+            logits = step(model, tokens[:, None], positions, input_pos)
+            if device.type == "cuda":  # a CUDA graph's output buffer is overwritten by the next replay: copy it
+                logits = logits.clone()
         else:
             logits = step(model, tokens[:, None], positions, input_pos, T + k + 1)
         input_pos += 1
+        positions += 1
 
 
 def generate(model: M.GLM4V, input_ids, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
@@ -416,7 +422,8 @@ def parse_args(argv=None):
     p.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"], default="auto",
                    help="weights and activations (auto: bfloat16 on CUDA, the checkpoint's dtype on CPU)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="torch.compile + CUDA graphs for decoding (default: on for CUDA)")
+                   help="torch.compile the decode step: CUDA graphs on a GPU, C++ kernels and wrapper on a "
+                        "CPU (default: on for CUDA; on a CPU the first reply waits ~25 s)")
     args = p.parse_args(argv)
     for name in ("max_new_tokens", "max_seq_len"):
         if getattr(args, name) is not None and getattr(args, name) < 1:

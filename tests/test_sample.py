@@ -322,7 +322,7 @@ def test_static_shape_decode_path_gives_the_same_tokens(pair, monkeypatch):
     rows, vision = mixed_batch()
     ids, mask = padded_batch(rows)
     eager = S.generate(ours, ids, 12, attention_mask=mask, **vision)
-    monkeypatch.setattr(S, "compiled_decode_step", lambda: S.decode_step)
+    monkeypatch.setattr(S, "compiled_decode_step", lambda device_type: S.decode_step)
     T = ids.shape[1]
     assert T + 12 <= S.CACHE_ROUNDING  # both calls use one cache
     # a first call whose padding covers the slots the second call decodes into
@@ -330,6 +330,19 @@ def test_static_shape_decode_path_gives_the_same_tokens(pair, monkeypatch):
     S.generate(ours, stale_ids, 2, attention_mask=stale_mask, compile=True)
     assert torch.equal(S.generate(ours, ids, 12, attention_mask=mask, **vision, compile=True), eager)
 
+
+
+def test_compiled_decode_gives_the_same_tokens(pair):
+    """torch.compile for real on the CPU (inductor with its C++ wrapper, ~25 s cold): the one-query attention is
+    the decomposed form there, so check that it decodes the eager tokens, on a padded batch with images and video,
+    and again on a shorter prompt that reuses the cache and the compiled step."""
+    ours, _ = pair
+    rows, vision = mixed_batch()
+    ids, mask = padded_batch(rows)
+    eager = S.generate(ours, ids, 12, attention_mask=mask, **vision)
+    assert torch.equal(S.generate(ours, ids, 12, attention_mask=mask, **vision, compile=True), eager)
+    short = torch.tensor([text("a short one")])
+    assert torch.equal(S.generate(ours, short, 8, compile=True), S.generate(ours, short, 8))
 
 # ---------------------------------------------------------------------------------------------------------------
 # The command line
