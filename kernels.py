@@ -30,13 +30,15 @@ Triton on a CPU: compiled Triton needs a GPU, but its interpreter runs the same 
 (slowly, in numpy), which is how the tests check the kernels. The interpreter must be switched on before triton
 is imported (triton decorates its own library functions at import), so on a machine without a GPU this module
 sets TRITON_INTERPRET=1 before importing triton. If something imported triton earlier, set TRITON_INTERPRET=1
-in the environment yourself.
+in the environment yourself. Without the triton package (it has no macOS or Windows wheels) everything runs on the
+torch paths.
 """
 import functools
 import math
 import os
 import sys
 import time
+import types
 
 import torch
 import torch.nn.functional as F
@@ -46,11 +48,16 @@ import rope2d
 if not torch.cuda.is_available() and "triton" not in sys.modules:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import triton  # noqa: E402
-import triton.language as tl  # noqa: E402
+try:
+    import triton  # noqa: E402
+    import triton.language as tl  # noqa: E402
+    HAS_TRITON = True
+except ImportError:  # no Triton wheels for macOS or Windows: the kernels below are defined but never launched
+    HAS_TRITON = False
+    triton = tl = types.SimpleNamespace(jit=lambda fn: fn, constexpr=None)
 
 # True when Triton runs kernels in its interpreter (on any tensor, CPU included).
-INTERPRETED = not isinstance(tl.sum, triton.runtime.JITFunction)
+INTERPRETED = HAS_TRITON and not isinstance(tl.sum, triton.runtime.JITFunction)
 
 
 def use_triton(x: torch.Tensor) -> bool:
@@ -60,6 +67,11 @@ def use_triton(x: torch.Tensor) -> bool:
         raise ValueError(f"GLM4V_KERNELS must be 'torch' or 'triton', not {choice!r}")
     if choice == "torch" or (choice == "" and not x.is_cuda):
         return False
+    if not HAS_TRITON:
+        if choice == "triton":
+            raise ValueError("GLM4V_KERNELS=triton, but the triton package is not installed (pip install triton; "
+                             "it has wheels for Linux only)")
+        return False  # CUDA without Triton: the torch paths
     if torch.compiler.is_compiling():  # inductor generates its own fused kernels from the torch paths
         return False
     if not x.is_cuda and not INTERPRETED:
