@@ -1118,6 +1118,12 @@ def compare(runs, out: str) -> str:
             raise FileNotFoundError(f"{path} not found: run `python rlcs.py --eval {run}` first")
         with open(path) as f:
             results.append(json.load(f))
+    for key in ("levels", "seed"):  # a Δ means something only between scores on the same held-out items
+        seen = {json.dumps(r.get(key)): run for run, r in zip(runs, results)}
+        if len(seen) > 1:
+            raise ValueError(f"the runs were evaluated on different held-out items ({key}: "
+                             + ", ".join(f"{v} in {run}" for v, run in seen.items())
+                             + "): re-run `python rlcs.py --eval RUN` with the same --levels and --seed for each")
     tasks = [t for t in rewards.TASKS if all(t in r for r in results)] + ["mean"]
     names = [os.path.basename(os.path.normpath(run)) for run in runs]
     header = ["domain"] + names + [f"Δ {n}" for n in names[1:]]

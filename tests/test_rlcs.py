@@ -560,6 +560,10 @@ def test_grade_then_train_eval_and_plot(sft_checkpoint, tmp_path, capsys):
     assert "| choice |" in table and "| **mean** |" in table and f"Δ {out.name}" in table
     with pytest.raises(SystemExit, match="eval.json not found"):
         rlcs.main(["--compare", f"{tmp_path / 'nowhere'},{out}", "--out", str(tmp_path / "cmp")])
+    (tmp_path / "level2").mkdir()  # the sampled level-2 result as another run's eval.json: not comparable
+    (tmp_path / "level2" / "eval.json").write_text(json.dumps({**sampled, "temperature": 0.0}))
+    with pytest.raises(SystemExit, match=r"different held-out items \(levels: \[1, 2, 3, 4, 5\] in"):
+        rlcs.main(["--compare", f"{out},{tmp_path / 'level2'}", "--out", str(tmp_path / "cmp")])
     for name in ("heldout.png", "reward.png", "heldout_curve.png", "table.md"):
         assert (tmp_path / "cmp" / name).exists() and (tmp_path / "cmp" / name).stat().st_size < 200_000, name
 
