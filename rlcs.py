@@ -158,10 +158,11 @@ class RLConfig:
     # the other commands
     grade: bool = _f(False, "write the offline difficulty (pass rate and pass@k per pool item) and exit")
     eval: str = _f("", "print the held-out greedy accuracy per domain of this checkpoint as JSON (also written to "
-                   "DIR/eval.json) and exit")
+                   "DIR/eval.json; with --levels or --eval-temperature, to eval_levels1,2_t1.json) and exit")
     plot: str = _f("", "draw reward.png, tiers.png and tier_pass.png from DIR/metrics.jsonl and exit")
-    compare: str = _f("", "comma-separated run directories: print their held-out table (each one's eval.json, "
-                      "written by --eval) and draw heldout.png and training curves into --out, then exit")
+    compare: str = _f("", "comma-separated run directories: print their held-out table (each one's --eval record "
+                      "for --levels and --eval-temperature) and draw heldout.png and training curves into --out, "
+                      "then exit")
 
 
 # Per preset: a laptop-sized run for tiny; for the 9B our guesses at the paper's scale (it gives no numbers).
@@ -935,6 +936,13 @@ def evaluate(model, tokenizer, tasks, n: int, seed: int, max_new_tokens: int, th
     return {**accuracy, "mean": float(np.mean(list(accuracy.values())))}
 
 
+def eval_file(levels, temperature: float) -> str:
+    """The name of --eval's record: eval.json for all levels, greedy; a subset of levels or a sampling temperature
+    is in the name (eval_levels1,2_t1.json), so that no record overwrites another."""
+    name = "eval" if list(levels) == list(data.LEVELS) else "eval_levels" + ",".join(map(str, levels))
+    return name + (f"_t{temperature:g}" if temperature else "") + ".json"
+
+
 def run_eval(rc: RLConfig):
     rank, world, device = pretrain.setup_distributed()
     model, tokenizer = load_for_inference(rc.eval, device)
@@ -947,8 +955,8 @@ def run_eval(rc: RLConfig):
                   "temperature": rc.eval_temperature, **accuracy}
         print(json.dumps(result))
         try:  # next to the weights, for --compare; a read-only checkpoint directory only loses the record
-            name = "eval.json" if rc.eval_temperature == 0 else f"eval_t{rc.eval_temperature:g}.json"
-            pretrain.write_atomic(os.path.join(rc.eval, name), json.dumps(result, indent=1) + "\n")
+            pretrain.write_atomic(os.path.join(rc.eval, eval_file(levels, rc.eval_temperature)),
+                                  json.dumps(result, indent=1) + "\n")
         except OSError as e:
             warnings.warn(f"could not write the evaluation into {rc.eval}: {e}")
     if dist.is_initialized():
@@ -1107,23 +1115,27 @@ def bar_chart(title: str, groups, series, y_label: str, y_max: float = 1.0, size
     return image
 
 
-def compare(runs, out: str) -> str:
-    """The held-out table of several runs (each directory's eval.json, from --eval) as Markdown, the first run the
-    baseline of the Δ columns; draws out/heldout.png (bars per domain) and, for runs with a metrics.jsonl,
-    out/reward.png (training reward against rollouts) and out/heldout_curve.png (the --eval-every accuracy)."""
+def compare(runs, out: str, levels=data.LEVELS, temperature: float = 0.0) -> str:
+    """The held-out table of several runs (each directory's record from --eval with these levels and temperature) as
+    Markdown, the first run the baseline of the Δ columns; draws out/heldout.png (bars per domain) and, for runs with
+    a metrics.jsonl, out/reward.png (training reward against rollouts) and out/heldout_curve.png (the --eval-every
+    accuracy)."""
     results = []
+    flags = "".join([f" --levels {','.join(map(str, levels))}" if list(levels) != list(data.LEVELS) else "",
+                     f" --eval-temperature {temperature:g}" if temperature else ""])
     for run in runs:
-        path = os.path.join(run, "eval.json")
+        path = os.path.join(run, eval_file(levels, temperature))
         if not os.path.exists(path):
-            raise FileNotFoundError(f"{path} not found: run `python rlcs.py --eval {run}` first")
+            raise FileNotFoundError(f"{path} not found: run `python rlcs.py --eval {run}{flags}` first")
         with open(path) as f:
             results.append(json.load(f))
-    for key in ("levels", "seed"):  # a Δ means something only between scores on the same held-out items
+    for key in ("seed", "n_per_domain"):  # a Δ means something only between scores on the same held-out items
         seen = {json.dumps(r.get(key)): run for run, r in zip(runs, results)}
         if len(seen) > 1:
             raise ValueError(f"the runs were evaluated on different held-out items ({key}: "
                              + ", ".join(f"{v} in {run}" for v, run in seen.items())
-                             + "): re-run `python rlcs.py --eval RUN` with the same --levels and --seed for each")
+                             + f"): re-run `python rlcs.py --eval RUN{flags}` with the same --eval-n and --seed "
+                             "for each")
     tasks = [t for t in rewards.TASKS if all(t in r for r in results)] + ["mean"]
     names = [os.path.basename(os.path.normpath(run)) for run in runs]
     header = ["domain"] + names + [f"Δ {n}" for n in names[1:]]
@@ -1131,8 +1143,9 @@ def compare(runs, out: str) -> str:
     for t in tasks:
         cells = [f"{100 * r[t]:.1f}" for r in results] + [f"{100 * (r[t] - results[0][t]):+.1f}" for r in results[1:]]
         lines.append(f"| {'**mean**' if t == 'mean' else t} | " + " | ".join(cells) + " |")
-    n = {r["n_per_domain"] for r in results}
-    lines.append(f"\nheld-out greedy accuracy (%), {'/'.join(map(str, sorted(n)))} items per domain")
+    kind = f"mean reward of one reply sampled at T = {temperature:g}" if temperature else "greedy accuracy"
+    subset = f", levels {','.join(map(str, levels))}" if list(levels) != list(data.LEVELS) else ""
+    lines.append(f"\nheld-out {kind} (%), {results[0]['n_per_domain']} items per domain{subset}")
     os.makedirs(out, exist_ok=True)
     colors = [PALETTE[k % len(PALETTE)] for k in range(len(runs))]
     highest = max(r[t] for r in results for t in tasks)
@@ -1195,7 +1208,7 @@ def main(argv=None):
         if rc.plot:
             print("\n".join(plot(rc.plot)))
         elif rc.compare:
-            print(compare(task_list(rc.compare), rc.out))
+            print(compare(task_list(rc.compare), rc.out, pool_levels(rc), rc.eval_temperature))
         elif rc.eval:
             run_eval(rc)
         elif rc.grade:

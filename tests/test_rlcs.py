@@ -551,19 +551,26 @@ def test_grade_then_train_eval_and_plot(sft_checkpoint, tmp_path, capsys):
     assert json.load(open(out / "eval.json")) == result and result["levels"] == [1, 2, 3, 4, 5]
     rlcs.main(["--eval", str(out), "--tasks", "choice", "--eval-n", "2", "--max-new-tokens", "40", "--levels", "2",
                "--eval-temperature", "1"])  # sampled, on level 2 only: its own file, eval.json untouched
-    sampled = json.load(open(out / "eval_t1.json"))
+    sampled = json.load(open(out / "eval_levels2_t1.json"))
     assert sampled["temperature"] == 1.0 and sampled["levels"] == [2] and json.load(open(out / "eval.json")) == result
+    assert rlcs.eval_file([1, 3], 0.0) == "eval_levels1,3.json" and rlcs.eval_file(range(1, 6), 0.7) == "eval_t0.7.json"
 
     capsys.readouterr()
     rlcs.main(["--compare", f"{out},{out}", "--out", str(tmp_path / "cmp")])
     table = capsys.readouterr().out
     assert "| choice |" in table and "| **mean** |" in table and f"Δ {out.name}" in table
+    assert table.strip().endswith("held-out greedy accuracy (%), 3 items per domain")
+    rlcs.main(["--compare", f"{out},{out}", "--levels", "2", "--eval-temperature", "1", "--out", str(tmp_path / "cmp2")])
+    table = capsys.readouterr().out  # the records of --levels 2 --eval-temperature 1: choice only
+    assert "| choice |" in table and "| counting |" not in table and "T = 1" in table and "levels 2" in table
     with pytest.raises(SystemExit, match="eval.json not found"):
         rlcs.main(["--compare", f"{tmp_path / 'nowhere'},{out}", "--out", str(tmp_path / "cmp")])
-    (tmp_path / "level2").mkdir()  # the sampled level-2 result as another run's eval.json: not comparable
-    (tmp_path / "level2" / "eval.json").write_text(json.dumps({**sampled, "temperature": 0.0}))
-    with pytest.raises(SystemExit, match=r"different held-out items \(levels: \[1, 2, 3, 4, 5\] in"):
-        rlcs.main(["--compare", f"{out},{tmp_path / 'level2'}", "--out", str(tmp_path / "cmp")])
+    with pytest.raises(SystemExit, match=r"eval_levels1,2.json not found: run `python rlcs.py --eval .* --levels 1,2`"):
+        rlcs.main(["--compare", f"{out},{out}", "--levels", "1,2", "--out", str(tmp_path / "cmp")])
+    (tmp_path / "fewer").mkdir()  # the same run scored on fewer items: not the same questions
+    (tmp_path / "fewer" / "eval.json").write_text(json.dumps({**result, "n_per_domain": 2}))
+    with pytest.raises(SystemExit, match=r"different held-out items \(n_per_domain: 3 in .*, 2 in"):
+        rlcs.main(["--compare", f"{out},{tmp_path / 'fewer'}", "--out", str(tmp_path / "cmp")])
     for name in ("heldout.png", "reward.png", "heldout_curve.png", "table.md"):
         assert (tmp_path / "cmp" / name).exists() and (tmp_path / "cmp" / name).stat().st_size < 200_000, name
 
