@@ -912,10 +912,12 @@ def grade(rc: RLConfig):
 
 @torch.no_grad()
 def evaluate(model, tokenizer, tasks, n: int, seed: int, max_new_tokens: int, think_budget: int,
-             batch_size: int = 64, progress: bool = False, levels=data.LEVELS, temperature: float = 0.0) -> dict:
+             batch_size: int = 64, progress: bool = False, levels=data.LEVELS, temperature: float = 0.0,
+             records: list = None) -> dict:
     """Greedy accuracy (mean strict reward) on n held-out items per domain (the levels in turn), batched and, under
     torchrun, split across ranks; temperature > 0: the mean reward of one sampled reply per item instead (what RL
-    optimises). Returns {domain: accuracy, "mean": mean over domains}."""
+    optimises). Returns {domain: accuracy, "mean": mean over domains}; `records`, if a list, receives this rank's
+    {task, index, level, question, answer, reply, score} per item."""
     rank, world = rank_world()
     levels = list(levels)
     jobs = [(task, i) for task in tasks for i in range(n)][rank::world]
@@ -927,9 +929,13 @@ def evaluate(model, tokenizer, tasks, n: int, seed: int, max_new_tokens: int, th
         replies = rollout(model, [it.prompt(tokenizer) for it in items], 1, max_new_tokens, think_budget, force_ids,
                           temperature=temperature, generator=noise_generator(model.lm_head.weight.device, seed, start,
                                                                              rank, 2))
-        for it, reply in zip(items, replies):
-            sums[list(tasks).index(it.task)] += torch.tensor(
-                [rewards.score(it.task, tokenizer.decode(reply), it.answer), 1.0], dtype=torch.float64)
+        for (task, index), it, reply in zip(jobs[start:start + batch_size], items, replies):
+            text = tokenizer.decode(reply)
+            score = rewards.score(task, text, it.answer)
+            sums[list(tasks).index(task)] += torch.tensor([score, 1.0], dtype=torch.float64)
+            if records is not None:
+                records.append({"task": task, "index": index, "level": it.level, "question": it.question,
+                                "answer": it.answer, "reply": text, "score": score})
     if dist.is_initialized():
         dist.all_reduce(sums)
     accuracy = {task: float(s / max(c, 1)) for task, (s, c) in zip(tasks, sums.tolist())}
@@ -948,15 +954,22 @@ def run_eval(rc: RLConfig):
     model, tokenizer = load_for_inference(rc.eval, device)
     tasks = task_list(rc.tasks) or list(rewards.TASKS)
     levels = pool_levels(rc)
+    records = []
     accuracy = evaluate(model, tokenizer, tasks, rc.eval_n, rc.seed, rc.max_new_tokens, rc.think_budget,
-                        progress=True, levels=levels, temperature=rc.eval_temperature)
+                        progress=True, levels=levels, temperature=rc.eval_temperature, records=records)
+    if dist.is_initialized():
+        every_rank = [None] * dist.get_world_size()
+        dist.all_gather_object(every_rank, records)
+        records = sorted((r for part in every_rank for r in part), key=lambda r: (tasks.index(r["task"]), r["index"]))
     if rank == 0:
         result = {"checkpoint": rc.eval, "n_per_domain": rc.eval_n, "seed": rc.seed, "levels": levels,
                   "temperature": rc.eval_temperature, **accuracy}
         print(json.dumps(result))
         try:  # next to the weights, for --compare; a read-only checkpoint directory only loses the record
-            pretrain.write_atomic(os.path.join(rc.eval, eval_file(levels, rc.eval_temperature)),
-                                  json.dumps(result, indent=1) + "\n")
+            name = eval_file(levels, rc.eval_temperature)
+            pretrain.write_atomic(os.path.join(rc.eval, name), json.dumps(result, indent=1) + "\n")
+            pretrain.write_atomic(os.path.join(rc.eval, name.replace(".json", "_replies.jsonl")),
+                                  "".join(json.dumps(r) + "\n" for r in records))  # what it answered, to read
         except OSError as e:
             warnings.warn(f"could not write the evaluation into {rc.eval}: {e}")
     if dist.is_initialized():
@@ -1121,8 +1134,8 @@ def compare(runs, out: str, levels=data.LEVELS, temperature: float = 0.0) -> str
     a metrics.jsonl, out/reward.png (training reward against rollouts) and out/heldout_curve.png (the --eval-every
     accuracy)."""
     results = []
-    flags = "".join([f" --levels {','.join(map(str, levels))}" if list(levels) != list(data.LEVELS) else "",
-                     f" --eval-temperature {temperature:g}" if temperature else ""])
+    subset = ",".join(map(str, levels)) if list(levels) != list(data.LEVELS) else ""
+    flags = (f" --levels {subset}" if subset else "") + (f" --eval-temperature {temperature:g}" if temperature else "")
     for run in runs:
         path = os.path.join(run, eval_file(levels, temperature))
         if not os.path.exists(path):
@@ -1144,12 +1157,12 @@ def compare(runs, out: str, levels=data.LEVELS, temperature: float = 0.0) -> str
         cells = [f"{100 * r[t]:.1f}" for r in results] + [f"{100 * (r[t] - results[0][t]):+.1f}" for r in results[1:]]
         lines.append(f"| {'**mean**' if t == 'mean' else t} | " + " | ".join(cells) + " |")
     kind = f"mean reward of one reply sampled at T = {temperature:g}" if temperature else "greedy accuracy"
-    subset = f", levels {','.join(map(str, levels))}" if list(levels) != list(data.LEVELS) else ""
-    lines.append(f"\nheld-out {kind} (%), {results[0]['n_per_domain']} items per domain{subset}")
+    lines.append(f"\nheld-out {kind} (%), {results[0]['n_per_domain']} items per domain"
+                 + (f", levels {subset}" if subset else ""))
     os.makedirs(out, exist_ok=True)
     colors = [PALETTE[k % len(PALETTE)] for k in range(len(runs))]
     highest = max(r[t] for r in results for t in tasks)
-    images = {"heldout.png": bar_chart("Held-out greedy accuracy per domain", tasks,
+    images = {"heldout.png": bar_chart(f"Held-out {kind} per domain", tasks,
                                        [(nm, [r[t] for t in tasks], c) for nm, r, c in zip(names, results, colors)],
                                        "accuracy", y_max=0.5 if highest <= 0.5 else 1.0)}
     curves = []

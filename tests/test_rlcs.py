@@ -13,6 +13,7 @@ import torch
 import data
 import model as M
 import pretrain
+import rewards
 import rlcs
 import sample
 
@@ -472,6 +473,17 @@ def test_two_processes(sft_checkpoint, tmp_path):
     start = M.GLM4V.from_pretrained(sft_checkpoint)
     assert any(not torch.equal(a, b) for a, b in zip(trained.parameters(), start.parameters()))
 
+    # --eval split across the two ranks: the same record and replies as one process
+    evaluation = ["rlcs.py", "--eval", str(tmp_path), "--tasks", "choice,counting", "--eval-n", "3",
+                  "--max-new-tokens", "24"]
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
+                             *evaluation], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    two = (json.load(open(tmp_path / "eval.json")), (tmp_path / "eval_replies.jsonl").read_text())
+    subprocess.run([sys.executable, *evaluation], cwd=ROOT, env=env, check=True, capture_output=True)
+    assert two == (json.load(open(tmp_path / "eval.json")), (tmp_path / "eval_replies.jsonl").read_text())
+    assert len(two[1].splitlines()) == 6
+
 
 SHARDED_UPDATE = """
 import sys, torch, pretrain, rlcs
@@ -549,6 +561,14 @@ def test_grade_then_train_eval_and_plot(sft_checkpoint, tmp_path, capsys):
     assert set(result) >= {"choice", "counting", "mean", "checkpoint"} and result["n_per_domain"] == 3
     assert 0 <= result["choice"] <= 1 and result["mean"] == pytest.approx((result["choice"] + result["counting"]) / 2)
     assert json.load(open(out / "eval.json")) == result and result["levels"] == [1, 2, 3, 4, 5]
+    replies = [json.loads(line) for line in open(out / "eval_replies.jsonl")]  # what it answered, item by item
+    assert [(r["task"], r["index"], r["level"]) for r in replies] == [
+        (t, i, i + 1) for t in ("choice", "counting") for i in range(3)]
+    for r in replies:
+        item = data.make_item(r["task"], r["index"], 0, "heldout", r["level"])
+        assert (r["question"], r["answer"]) == (item.question, item.answer) and "<answer>" in r["reply"]
+        assert r["score"] == rewards.score(r["task"], r["reply"], item.answer)
+    assert result["choice"] == pytest.approx(sum(r["score"] for r in replies[:3]) / 3)
     rlcs.main(["--eval", str(out), "--tasks", "choice", "--eval-n", "2", "--max-new-tokens", "40", "--levels", "2",
                "--eval-temperature", "1"])  # sampled, on level 2 only: its own file, eval.json untouched
     sampled = json.load(open(out / "eval_levels2_t1.json"))
