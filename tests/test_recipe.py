@@ -48,7 +48,8 @@ def test_the_readme_recipe_runs_end_to_end(tmp_path, monkeypatch):
             # every path the recipe writes (runs/…, docs/…) goes under tmp_path instead
             args = [re.sub(r"(^|,)(runs|docs)/", lambda m: f"{m.group(1)}{tmp_path}/{m.group(2)}/", a)
                     for a in command[1:]]
-            extra = [] if "--compare" in args or "--plot" in args else SMOKE.get(args[0], [])
+            # --compare too: it reads the --eval records of the smoke flags' --levels
+            extra = [] if "--plot" in args else SMOKE.get(args[0], [])
             monkeypatch.setattr(sys, "argv", [*args, *extra])
             try:
                 runpy.run_path(os.path.join(ROOT, args[0]), run_name="__main__")
