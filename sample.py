@@ -107,8 +107,8 @@ _compiled_decode_steps = {}
 def compiled_decode_step(device_type: str):
     """decode_step compiled once per process and device type (gpt-fast). On a GPU, CUDA graphs remove the launch
     overhead of ~20 kernels per layer, most of a batch-1 step's time. On a CPU, where there are no graphs, the
-    Python code that calls the compiled kernels becomes C++ instead (inductor's `cpp_wrapper`): ~15% of a tiny
-    step (`python bench.py --only sample`)."""
+    Python code that calls the compiled kernels becomes C++ instead (inductor's `cpp_wrapper`): a tiny batch-1
+    step took ~30% less time than with the Python wrapper (1,110–1,280 vs 770–890 tok/s, one thread)."""
     if device_type not in _compiled_decode_steps:
         options = dict(mode="reduce-overhead") if device_type == "cuda" else dict(options={"cpp_wrapper": True})
         _compiled_decode_steps[device_type] = torch.compile(decode_step, fullgraph=True, dynamic=False, **options)

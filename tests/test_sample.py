@@ -331,7 +331,6 @@ def test_static_shape_decode_path_gives_the_same_tokens(pair, monkeypatch):
     assert torch.equal(S.generate(ours, ids, 12, attention_mask=mask, **vision, compile=True), eager)
 
 
-
 def test_compiled_decode_gives_the_same_tokens(pair):
     """torch.compile for real on the CPU (inductor with its C++ wrapper, ~25 s cold): the one-query attention is
     the decomposed form there, so check that it decodes the eager tokens, on a padded batch with images and video,
@@ -343,6 +342,7 @@ def test_compiled_decode_gives_the_same_tokens(pair):
     assert torch.equal(S.generate(ours, ids, 12, attention_mask=mask, **vision, compile=True), eager)
     short = torch.tensor([text("a short one")])
     assert torch.equal(S.generate(ours, short, 8, compile=True), S.generate(ours, short, 8))
+
 
 # ---------------------------------------------------------------------------------------------------------------
 # The command line
