@@ -22,10 +22,12 @@ What we keep from GRPO and what we drop (the paper's choices, most of them DAPO'
   k3 = exp(ref − logp) − (ref − logp) − 1, averaged like the surrogate.
 - changed: clip-higher — the ratio is clipped to [1 − ε_low, 1 + ε_high] = [0.8, 1.28], so unlikely tokens with
   a positive advantage can grow further before the clip stops them (keeps entropy up); per-sample loss averaging —
-  each response's token-mean loss, then the mean over responses (long replies do not outweigh short ones); top-p 1
-  at rollout; larger batches; **dynamic sampling expansion** (below); **force answering** — a rollout that reaches
-  the thinking budget without `</think>` gets `</think><answer>` inserted and still answers (sample.generate does
-  it, `--think-budget`); format is learned in SFT, so there is no format reward: a malformed reply scores 0.
+  each response's token-mean loss, then the mean over responses (long replies do not outweigh short ones, but a
+  token of a long reply is pushed less than one of a short reply; `--length-norm budget` divides each token sum
+  by the length limit instead, Dr. GRPO's fix, as an experiment); top-p 1 at rollout; larger batches; **dynamic
+  sampling expansion** (below); **force answering** — a rollout that reaches the thinking budget without
+  `</think>` gets `</think><answer>` inserted and still answers (sample.generate does it, `--think-budget`);
+  format is learned in SFT, so there is no format reward: a malformed reply scores 0.
 - ours (the paper does not say): AdamW without weight decay at a constant learning rate after an optional warm-up;
   gradient clipping at 1; `--updates-per-batch` optimizer steps per rollout batch, each on its own slice of the
   kept groups (2 by default, so the clip matters); advantages use the population std of the group.
@@ -127,6 +129,9 @@ class RLConfig:
     clip_high: float = _f(0.28, "ε_high: clip-higher, the ratio is clipped above at 1 + ε_high")
     kl_coef: float = _f(0.0, "β of a per-token KL penalty (k3) to a frozen copy of the starting policy; the paper "
                         "uses none (0)")
+    length_norm: str = _f("sample", "sample: each reply's loss is the mean over its tokens (the paper's per-sample "
+                          "averaging) | budget: the sum over its tokens / --max-new-tokens (Dr. GRPO; no length "
+                          "bias)")
     updates_per_batch: int = _f(2, "optimizer steps per rollout batch, each on its own slice of the kept groups")
     micro_batch: int = _f(0, "responses per forward/backward (gradient accumulation; 0: a rank's whole slice)")
     # dynamic sampling expansion
@@ -189,6 +194,8 @@ def resolve(rc: RLConfig) -> RLConfig:
             setattr(rc, key, value)
     if rc.think_budget < 0:
         rc.think_budget = max(rc.max_new_tokens - answer_room, 3 * rc.max_new_tokens // 4)
+    if rc.length_norm not in ("sample", "budget"):
+        raise ValueError(f"--length-norm must be sample or budget, not {rc.length_norm!r}")
     if rc.curriculum not in ("rlcs", "uniform"):
         raise ValueError(f"--curriculum must be rlcs or uniform, not {rc.curriculum!r}")
     for name in task_list(rc.tasks) + task_list(rc.lenient_verifier):
@@ -239,20 +246,22 @@ def group_advantages(group_rewards: torch.Tensor, eps: float = 1e-6) -> torch.Te
     return advantages.masked_fill(all_equal, 0.0)
 
 
-def grpo_loss(logprobs, old_logprobs, advantages, mask, clip_low: float = 0.2, clip_high: float = 0.28):
+def grpo_loss(logprobs, old_logprobs, advantages, mask, clip_low: float = 0.2, clip_high: float = 0.28,
+              length_norm: int = 0):
     """The clipped surrogate with clip-higher, averaged per sample (paper §5; DAPO's ε).
 
     logprobs / old_logprobs (B, T) of the response tokens under the current / rollout policy, advantages (B,),
     mask (B, T) the response tokens. Per token: −min(ρ·A, clip(ρ, 1 − ε_low, 1 + ε_high)·A) with ρ = exp(logp −
-    old); per response: the mean over its tokens. No KL and no entropy term. Returns (loss per response (B,),
-    clipped (B, T): tokens where the clip is active, i.e. that give no gradient)."""
+    old); per response: the mean over its tokens, or with length_norm > 0 their sum / length_norm (Dr. GRPO's
+    constant, so a token's weight does not depend on its reply's length). No KL and no entropy term. Returns (loss
+    per response (B,), clipped (B, T): tokens where the clip is active, i.e. that give no gradient)."""
     mask = mask.bool()
     ratio = torch.exp((logprobs - old_logprobs).masked_fill(~mask, 0.0))
     a = advantages[:, None].to(ratio.dtype)
     unclipped = ratio * a
     clipped = ratio.clamp(1 - clip_low, 1 + clip_high) * a
     token_loss = -torch.minimum(unclipped, clipped)
-    per_sample = (token_loss * mask).sum(1) / mask.sum(1).clamp(min=1)
+    per_sample = (token_loss * mask).sum(1) / (length_norm or mask.sum(1).clamp(min=1))
     return per_sample, (clipped < unclipped) & mask
 
 
@@ -593,7 +602,8 @@ def policy_update(model, optimizer, parts, rc: RLConfig, world: int, n_responses
         logprobs = policy_logprobs(model, batch, autocast)
         mask = batch["labels"] != -100
         per_sample, is_clipped = grpo_loss(logprobs, logprobs.detach() if old is None else old, advantages, mask,
-                                           rc.clip_low, rc.clip_high)
+                                           rc.clip_low, rc.clip_high,
+                                           rc.max_new_tokens if rc.length_norm == "budget" else 0)
         if reference is not None:
             with torch.no_grad():
                 ref_logprobs = policy_logprobs(reference, batch, autocast)

@@ -128,6 +128,21 @@ def test_per_sample_averaging():
     assert again.tolist() == [-1.0, -1.0]
 
 
+def test_budget_length_norm():
+    """--length-norm budget (Dr. GRPO): every token of every reply gets −A / (budget · n), whatever the reply's length,
+    where per-sample averaging gives a 1-token reply's token three times the push of a 3-token reply's."""
+    logp = torch.zeros(2, 4, requires_grad=True)
+    mask = torch.tensor([[1, 0, 0, 0], [1, 1, 1, 0]], dtype=torch.bool)
+    per_sample, _ = rlcs.grpo_loss(logp, logp.detach(), torch.tensor([1.0, 1.0]), mask, length_norm=8)
+    per_sample.mean().backward()
+    assert per_sample.tolist() == [-1 / 8, -3 / 8]
+    torch.testing.assert_close(logp.grad, mask.float() * (-1 / 16))
+    rc = rlcs.RLConfig(max_new_tokens=8, length_norm="budget")
+    assert rlcs.resolve(rc).length_norm == "budget"
+    with pytest.raises(ValueError, match="--length-norm"):
+        rlcs.resolve(rlcs.RLConfig(length_norm="token"))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Dynamic sampling expansion
 # ---------------------------------------------------------------------------------------------------------------
@@ -304,15 +319,17 @@ def test_vision_tokens_in_a_reply_are_text_to_the_update(random_micro):
     assert torch.isfinite(out).all() and (out[0, start:start + len(reply)] < 0).all()
 
 
-def test_micro_batches_give_the_same_step(random_micro):
+@pytest.mark.parametrize("length_norm", ["sample", "budget"])
+def test_micro_batches_give_the_same_step(random_micro, length_norm):
     """The loss is normalised by the global number of responses, so gradient accumulation over any split of the
-    rows (as over ranks) takes the same optimizer step."""
+    rows (as over ranks) takes the same optimizer step, with either --length-norm."""
     model, tok = random_micro
     _, prompts = choice_prompts(tok, 2)
     replies = rlcs.rollout(model, prompts, 3, 10, 0, [], generator=torch.Generator().manual_seed(2))
     advantages = rlcs.group_advantages(torch.tensor([[1.0, 0, 0], [0, 1, 1]])).flatten()
     rows = [(prompts[k // 3], replies[k], advantages[k]) for k in range(6)]
-    rc = rlcs.resolve(rlcs.RLConfig(grad_clip=0.0))
+    assert {len(r) for r in replies} == {10}
+    rc = rlcs.resolve(rlcs.RLConfig(grad_clip=0.0, length_norm=length_norm, max_new_tokens=20))
     after = []
     for size in (0, 4, 1):
         copy = M.GLM4V(MICRO)
@@ -326,7 +343,15 @@ def test_micro_batches_give_the_same_step(random_micro):
     for name, value in after[0].items():
         torch.testing.assert_close(after[1][name], value, atol=1e-6, rtol=1e-5, msg=name)
         torch.testing.assert_close(after[2][name], value, atol=1e-6, rtol=1e-5, msg=name)
-    assert not torch.equal(after[0]["lm_head.weight"], model.lm_head.weight)
+    step = after[0]["lm_head.weight"] - model.lm_head.weight
+    assert step.abs().max() > 0
+    if length_norm == "budget":  # replies of 10 tokens: their token sum / a budget of 20 is half their token mean
+        copy = M.GLM4V(MICRO)
+        copy.load_state_dict(model.state_dict())
+        rlcs.policy_update(copy, torch.optim.SGD(copy.parameters(), lr=1.0),
+                           [(b, a, None) for b, a in rlcs.micro_batches(rows, 0, MICRO, CPU)],
+                           dataclasses.replace(rc, length_norm="sample"), 1, len(rows), NO_AUTOCAST)
+        torch.testing.assert_close(copy.lm_head.weight - model.lm_head.weight, 2 * step, atol=1e-6, rtol=1e-4)
 
 
 def test_kl_penalty_k3(random_micro):
