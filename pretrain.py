@@ -56,6 +56,8 @@ class TrainConfig:
     levels: str = _f("", "synthetic world: comma-separated difficulty levels 1-5 (default: all)")
     out: str = _f("", "output directory (metrics.jsonl, checkpoints, HF export); default runs/<stage>")
     init_from: str = _f("", "start from this Hugging Face-format checkpoint directory (e.g. the released 9B)")
+    num_layers: int = _f(0, "decoder layers of a model built from the preset, without --init-from (default: the "
+                            "preset's)")
     resume: bool = _f(False, "continue from the latest checkpoint in --out")
     max_steps: int = _f(0, "optimizer steps (default: per preset and stage)")
     seq_len: int = _f(0, "tokens per packed sequence (default: per preset and stage)")
@@ -113,6 +115,10 @@ def resolve(tc: TrainConfig) -> TrainConfig:
             setattr(tc, key, value)
     if tc.warmup_steps < 0:
         tc.warmup_steps = max(1, tc.max_steps // 20)
+    if tc.num_layers and tc.init_from:
+        raise ValueError("--num-layers builds a model from the preset; a model from --init-from keeps its layers")
+    if tc.num_layers < 0:
+        raise ValueError(f"--num-layers must be positive, got {tc.num_layers}")
     if tc.vision_lr_ratio <= 0:
         raise ValueError(f"--vision-lr-ratio must be positive (--freeze-vision freezes the ViT), "
                          f"got {tc.vision_lr_ratio}")
@@ -166,6 +172,12 @@ def log(*args, rank=None):
         print(*args, flush=True)
 
 
+def preset_config(tc: TrainConfig) -> M.Config:
+    """The preset's model config, with --num-layers decoder layers when given."""
+    cfg = M.PRESETS[tc.preset]
+    return dataclasses.replace(cfg, num_hidden_layers=tc.num_layers) if tc.num_layers else cfg
+
+
 def initial_state(tc: TrainConfig, rank: int):
     """(model Config, full state dict on rank 0 — {} on other ranks — and the tokenizer)."""
     if tc.init_from:
@@ -176,7 +188,7 @@ def initial_state(tc: TrainConfig, rank: int):
         tokenizer = data.load_tokenizer(tokenizer_path)
         state = M.GLM4V.from_pretrained(tc.init_from, dtype=torch.float32).state_dict() if rank == 0 else {}
         return cfg, state, tokenizer
-    cfg = M.PRESETS[tc.preset]
+    cfg = preset_config(tc)
     if tc.preset != "tiny":
         raise ValueError(f"training the {tc.preset} preset from scratch needs its tokenizer: pass --init-from DIR "
                          "(a checkpoint directory with tokenizer.json, e.g. the released GLM-4.1V-9B-Thinking)")
@@ -299,7 +311,7 @@ def memory_plan(cfg: M.Config, tc: TrainConfig, world: int) -> dict:
 
 
 def dry_run(tc: TrainConfig, world: int):
-    cfg = M.Config.from_hf(tc.init_from) if tc.init_from else M.PRESETS[tc.preset]
+    cfg = M.Config.from_hf(tc.init_from) if tc.init_from else preset_config(tc)
     with torch.device("meta"):
         m = M.GLM4V(cfg)
     total = sum(p.numel() for p in m.parameters())

@@ -192,3 +192,19 @@ def test_vision_lr_ratio_scales_only_the_vit_and_projector():
         group = group_of[id(p)]
         assert group["lr"] == pytest.approx(2.5e-4 if name.startswith("model.visual.") else 1e-3), name
         assert group["weight_decay"] == (0.1 if p.dim() >= 2 and "position_embedding" not in name else 0.0), name
+
+
+def test_num_layers_builds_a_deeper_tiny_model(tmp_path):
+    """--num-layers changes only the decoder depth of a model built from the preset; the export's config carries it,
+    so a later stage (--init-from) trains the same depth; with --init-from it is refused."""
+    import model as M
+
+    pretrain.train(config(tmp_path / "deep", "--num-layers", "5", "--max-steps", "1"))
+    cfg = M.Config.from_hf(tmp_path / "deep")
+    assert cfg.num_hidden_layers == 5 and cfg.hidden_size == M.PRESETS["tiny"].hidden_size
+    net = M.GLM4V.from_pretrained(tmp_path / "deep")
+    assert len(net.model.language_model.layers) == 5
+    tc = pretrain.resolve(pretrain.TrainConfig(init_from=str(tmp_path / "deep")))
+    assert pretrain.initial_state(tc, 0)[0].num_hidden_layers == 5
+    with pytest.raises(ValueError, match="--num-layers"):
+        pretrain.resolve(pretrain.TrainConfig(init_from=str(tmp_path / "deep"), num_layers=5))
