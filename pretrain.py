@@ -167,6 +167,14 @@ def setup_distributed():
     return dist.get_rank(), dist.get_world_size(), torch.device("cpu")
 
 
+def teardown_distributed():
+    """Leave the process group together: without the barrier a 2-process gloo run on CPU now and then aborted at
+    exit ("terminate called without an active exception") after finishing its work."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def log(*args, rank=None):
     if (rank if rank is not None else (dist.get_rank() if dist.is_initialized() else 0)) == 0:
         print(*args, flush=True)
@@ -599,8 +607,7 @@ def train(tc: TrainConfig):
             export_hf(model, cfg, tokenizer, tc.out, rank)
     bar.close()
     log(f"done: step {step}, loss {loss:.4f}; Hugging Face checkpoint in {tc.out}")
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    teardown_distributed()
     return model
 
 

@@ -869,8 +869,7 @@ def train(rc: RLConfig):
             pretrain.export_hf(policy, cfg, tokenizer, rc.out, rank)
     bar.close()
     pretrain.log(f"done: iteration {step}, {totals['rollouts']:,} rollouts; Hugging Face checkpoint in {rc.out}")
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    pretrain.teardown_distributed()
     return policy
 
 
@@ -916,8 +915,7 @@ def grade(rc: RLConfig):
         tiers = np.bincount([tier_of(pool[i].level, p) for i, p, _ in results], minlength=len(TIERS))
         print(json.dumps({"difficulty": path, "items": len(results), "mean_pass_rate": float(np.mean(
             [p for _, p, _ in results])), "tiers": dict(zip(TIERS, tiers.tolist()))}))
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    pretrain.teardown_distributed()
 
 
 @torch.no_grad()
@@ -982,8 +980,7 @@ def run_eval(rc: RLConfig):
                                   "".join(json.dumps(r) + "\n" for r in records))  # what it answered, to read
         except OSError as e:
             warnings.warn(f"could not write the evaluation into {rc.eval}: {e}")
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    pretrain.teardown_distributed()
     return accuracy
 
 
