@@ -602,8 +602,11 @@ def render_caption(text: str, tokenizer: Tokenizer, image=None, video=None, *, m
 # CONTRACT.md format (what the RL verifiers score, paper §5), a short reasoning for the SFT reply
 # `<think>…</think><answer><|begin_of_box|>X<|end_of_box|></answer>` (paper §4) and a caption for pretraining.
 # Level 1 is one large object / a short string and a single step; level 5 crowds the scene, shrinks the text and
-# needs several steps, so a tiny model learns the low levels and the high ones stay hard. Sides are multiples of 28
-# (no resize by the processor); a 112×112 image is 16 visual tokens, 224×168 is 48.
+# needs several steps, so a tiny model learns the low levels and the high ones stay hard. Level 1 is sized for the
+# tiny preset, which after minutes of training tells big shapes and positions apart but reads little: a word, the
+# digits 1–4, a chart on a fixed scale, a big shape or button, a choice whose options never move — so that SFT
+# leaves more domains with items RL can work on (README, Finding 1). Sides are multiples of 28 (no resize by the
+# processor); a 112×112 image is 16 visual tokens, 224×168 is 48.
 
 TASKS = ("math", "ocr", "counting", "chart", "grounding", "gui", "video_grounding", "choice")
 LEVELS = (1, 2, 3, 4, 5)
@@ -614,7 +617,6 @@ COLORS = {"red": (220, 40, 40), "green": (30, 150, 60), "blue": (40, 90, 220), "
           "purple": (140, 60, 180), "orange": (240, 130, 20)}
 SHAPES = ("circle", "square", "triangle", "diamond")
 OCR_CHARS = "ABCDEFGHJKLMNPQRSTUVWXYZ23456789"  # no I/1, O/0: unambiguous at low levels
-OCR_MIXED = "ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnpqrstuvwxyz23456789"
 WORDS = ("CAT", "DOG", "SUN", "MOON", "STAR", "TREE", "FISH", "BIRD", "BOOK", "LAMP", "RAIN", "SNOW", "WIND",
          "FIRE", "ROCK", "SHIP", "KING", "GOLD", "BLUE", "HELLO", "WORLD", "APPLE", "RIVER", "HOUSE", "LIGHT",
          "MUSIC", "PAPER", "TIGER", "ZEBRA", "CLOUD")
@@ -815,19 +817,12 @@ def _gen_math(rng, level):
     """STEM: an arithmetic problem rendered as text; answers like 12, -3, 1/2, 0.75."""
     r = rng.randint
     steps = []
-    if level == 1:
-        a, b = r(0, 9), r(0, 9)
+    if level <= 2:  # level 1: four digits to tell apart, drawn large
+        a, b = (r(1, 4), r(1, 4)) if level == 1 else (r(0, 9), r(0, 9))
         expr, value = f"{a}+{b}", Fraction(a + b)
-    elif level == 2:
+    elif level == 3:
         a, b, op = r(10, 49), r(1, 29), rng.choice("+-")
         expr, value = f"{a}{op}{b}", Fraction(a + b if op == "+" else a - b)
-    elif level == 3:
-        if rng.random() < 0.5:
-            a, b = r(2, 9), r(2, 9)
-            expr, value = f"{a}*{b}", Fraction(a * b)
-        else:
-            a, b, c = r(1, 20), r(1, 20), r(1, 20)
-            expr, value, steps = f"{a}+{b}-{c}", Fraction(a + b - c), [f"{a + b}-{c}"]
     elif level == 4:
         a, b, c, form = r(2, 12), r(2, 12), r(1, 30), rng.randrange(3)
         if form == 0:
@@ -852,26 +847,27 @@ def _gen_math(rng, level):
             expr, value = f"{_num(x)}{op}{_num(y)}", (x + y if op == "+" else x - y)
     answer = _num(value) if "." in expr else _fraction(value)
     shown = re.sub(r"(?<=[\d)])([+\-*])", r" \1 ", expr) + " = ?"
-    width, height, draw, box = _text_image(rng, shown, {1: 28, 2: 24, 3: 22, 4: 20, 5: 18}[level], level >= 4)
+    width, height, draw, box = _text_image(rng, shown, {1: 32, 2: 28, 3: 24, 4: 20, 5: 18}[level], level >= 4)
     return dict(question="What is the answer to the problem in the image?", answer=answer,
                 reasoning="=".join([expr] + steps + [answer]), caption=f"A math problem: {expr}=?", key=expr,
                 size=(width, height), draw=draw, facts={"expression": expr, "text_box": box})
 
 
 def _gen_ocr(rng, level):
-    """OCR: a rendered string in varied size, colour and background."""
+    """OCR: a rendered string in varied size, colour and background (level 1: one of 30 words, whose shape is
+    enough; then random characters, a word and a number, three words in noise)."""
     if level == 1:
-        text = "".join(rng.choice(OCR_CHARS) for _ in range(rng.randint(2, 3)))
+        text = rng.choice(WORDS)
     elif level == 2:
-        text = "".join(rng.choice(OCR_CHARS) for _ in range(rng.randint(4, 5)))
+        text = "".join(rng.choice(OCR_CHARS) for _ in range(rng.randint(2, 3)))
     elif level == 3:
-        text = f"{rng.choice(WORDS)} {rng.randint(10, 99)}"
+        text = "".join(rng.choice(OCR_CHARS) for _ in range(rng.randint(4, 5)))
     elif level == 4:
-        text = "".join(rng.choice(OCR_MIXED) for _ in range(rng.randint(6, 8)))
+        text = f"{rng.choice(WORDS)} {rng.randint(10, 99)}"
     else:
         text = f"{rng.choice(WORDS)} {rng.choice(WORDS).lower()} {rng.randint(100, 999)}"
-    size = {1: 28, 2: 24, 3: 20, 4: 16, 5: 14}[level]
-    width, height, draw, box = _text_image(rng, text, size, level >= 3, noise=0 if level < 5 else 40)
+    size = {1: 28, 2: 28, 3: 24, 4: 20, 5: 14}[level]
+    width, height, draw, box = _text_image(rng, text, size, level >= 4, noise=0 if level < 5 else 40)
     return dict(question="What text is written in the image?", answer=text, reasoning=f"It reads {text}.",
                 caption=f"The text in the image reads: {text}", key=text, size=(width, height), draw=draw,
                 facts={"text": text, "text_box": box})
@@ -914,47 +910,44 @@ def _gen_counting(rng, level):
 
 
 def _gen_chart(rng, level):
-    """Charts: a bar chart with labelled values; read one value, add, subtract, or find the year of the maximum."""
-    if level <= 2:
-        width, height, k = 168, 112, (2 if level == 1 else rng.randint(3, 4))
+    """Charts: a bar chart with labelled values; read one value (level 1: two bars on a fixed 0–10 scale, so a bar's
+    height is its value), add two, or find the maximum, its year or the total."""
+    if level <= 3:
+        width, height, k = 168, 112, (2 if level <= 2 else rng.randint(3, 4))
     else:
-        width, height, k = 224, 168, rng.randint(3, 4) if level == 3 else rng.randint(4, 5) if level == 4 else 5
+        width, height, k = 224, 168, rng.randint(3, 4) if level == 4 else 5
     if level == 5:
         start = rng.randint(1950, 2015)
         labels = [str(start + i) for i in range(k)]
     else:
         labels = list("ABCDE"[:k])
-    if level == 4:
-        values = [Fraction(rng.randint(2, 80), 2) for _ in range(k)]
-    else:
-        values = [Fraction(rng.randint(1, 20 if level == 1 else 50 if level < 5 else 60)) for _ in range(k)]
+    values = [Fraction(rng.randint(1, {1: 9, 2: 20, 3: 50, 4: 50, 5: 60}[level])) for _ in range(k)]
     val = dict(zip(labels, values))
 
     def named(lab):
         return f"{lab}={_num(val[lab])}"
     form = rng.randrange(2)
-    if level <= 2:  # read one value
+    if level <= 3:  # read one value
         a = rng.choice(labels)
         question, answer, reasoning = f"What is the value of bar {a}?", _num(val[a]), named(a)
-    elif level == 4 or (level == 3 and form == 0):  # add (level 3) or subtract (level 4) two values
-        a, b = sorted(rng.sample(labels, 2)) if level == 3 else rng.sample(labels, 2)
-        word, sign, result = ("plus", "+", val[a] + val[b]) if level == 3 else ("minus", "-", val[a] - val[b])
-        question, answer = f"What is {a} {word} {b}?", _num(result)
-        reasoning = f"{named(a)}, {named(b)}, {_num(val[a])}{sign}{_num(val[b])}={answer}"
-    elif level == 3 or form == 0:  # the maximum (level 5: its year)
+    elif level == 4 and form == 0:  # add two values
+        a, b = sorted(rng.sample(labels, 2))
+        question, answer = f"What is {a} plus {b}?", _num(val[a] + val[b])
+        reasoning = f"{named(a)}, {named(b)}, {_num(val[a])}+{_num(val[b])}={answer}"
+    elif level == 4 or form == 0:  # the maximum (level 5: its year)
         if values.count(max(values)) > 1:
             raise _Retry
         a = max(labels, key=val.get)
-        question = "What is the largest value?" if level == 3 else "Which year has the highest value?"
-        answer, reasoning = (_num(val[a]) if level == 3 else a), f"max is {named(a)}"
+        question = "What is the largest value?" if level == 4 else "Which year has the highest value?"
+        answer, reasoning = (_num(val[a]) if level == 4 else a), f"max is {named(a)}"
     else:  # level 5: the total
         question, answer = "What is the total of all values?", _num(sum(values))
         reasoning = "+".join(_num(v) for v in values) + f"={answer}"
-    font = 10 if level >= 3 else 11
+    font = {1: 14, 2: 11, 3: 11, 4: 10, 5: 10}[level]
     base, top = height - 16, 16  # bar baseline and the highest bar's top
     slot = (width - 8) / k
     bar_w = int(slot * 0.6)
-    vmax = max(values)
+    vmax = Fraction(10) if level == 1 else max(values)  # level 1: a fixed 0–10 scale
     bars = []
     for i, v in enumerate(values):
         x0 = int(4 + i * slot + (slot - bar_w) / 2)
@@ -979,8 +972,8 @@ def _gen_chart(rng, level):
 
 def _gen_grounding(rng, level):
     """Grounding: find the described shape; answer its box in 0–1000 coordinates (two boxes at level 5)."""
-    side, (lo, hi), (smin, smax) = {1: (112, (1, 1), (28, 60)), 2: (112, (2, 2), (24, 44)),
-                                    3: (140, (3, 4), (20, 40)), 4: (168, (4, 6), (18, 36)),
+    side, (lo, hi), (smin, smax) = {1: (112, (1, 1), (56, 84)), 2: (112, (1, 1), (28, 60)),
+                                    3: (112, (2, 2), (24, 44)), 4: (168, (4, 6), (18, 36)),
                                     5: (168, (5, 7), (16, 30))}[level]
     n = rng.randint(lo, hi)
     kind, color = rng.choice(SHAPES), rng.choice(list(COLORS))
@@ -988,14 +981,14 @@ def _gen_grounding(rng, level):
     objects = [(kind, color)] * targets
     while len(objects) < n:
         k, c = rng.choice(SHAPES), rng.choice(list(COLORS))
-        if level == 2 and (k == kind or c == color):
+        if level == 3 and (k == kind or c == color):
             continue
         if level >= 4 and rng.random() < 0.6:  # hard distractors share the kind or the colour
             k, c = rng.choice([(kind, c), (k, color)])
         if (k, c) != (kind, color):
             objects.append((k, c))
     boxes = _place(rng, n, side, side, smin, smax, gap=4)
-    desc = kind if level == 1 else f"{color} {kind}"
+    desc = kind if level <= 2 else f"{color} {kind}"
     found = sorted(boxes[:targets])
     normed = [norm_box(b, side, side) for b in found]
     if targets == 1:
@@ -1020,19 +1013,21 @@ def _gen_grounding(rng, level):
 
 def _gen_gui(rng, level):
     """GUI: a window of labelled buttons; click the named one (answer its box), or at level 5 follow the
-    instruction written in the window, which may ask to type a word instead."""
-    width, height, n, font = {1: (168, 112, 2, 13), 2: (168, 112, 3, 12), 3: (224, 168, 4, 12),
-                              4: (224, 168, 6, 11), 5: (224, 168, rng.randint(4, 6), 11)}[level]
+    instruction written in the window, which may ask to type a word instead. Level 1: two big buttons."""
+    width, height, n, font = {1: (168, 112, 2, 13), 2: (168, 112, 2, 13), 3: (168, 112, 3, 12),
+                              4: (224, 168, 4, 12), 5: (224, 168, rng.randint(4, 6), 11)}[level]
     labels = rng.sample(BUTTONS, n)
     title = rng.choice(WINDOW_TITLES)
     top = 20 if level < 5 else 36  # title bar (+ the instruction line at level 5)
-    cols = n if level <= 2 else 2 if n == 4 else 3
+    cols = n if level <= 3 else 2 if n == 4 else 3
     rows = math.ceil(n / cols)
     cell_w, cell_h = (width - 8) / cols, (height - top - 4) / rows
     cells = rng.sample(range(cols * rows), n)
     boxes = []
     for lab, cell in zip(labels, cells):
         bw, bh = min(int(cell_w) - 6, _text_width(lab, font) + rng.randint(10, 18)), rng.randint(font + 6, font + 12)
+        if level == 1:  # each button fills most of its half of the window
+            bw, bh = int(cell_w) - 12, int(cell_h) - 24
         if bw < _text_width(lab, font) + 6:  # the label must fit inside its button
             raise _Retry
         r_, c_ = divmod(cell, cols)
@@ -1129,17 +1124,18 @@ def _gen_video(rng, level):
 
 def _gen_choice(rng, level):
     """Multiple choice: the shape or colour of an object, or which shape sits just left/right of another; the
-    answer is one letter."""
+    answer is one letter. Level 1 lists every shape in one fixed order, so a shape's letter never changes; from
+    level 2 on the options are shuffled and the letter must be looked up."""
     if level <= 3:
         side = 112
         objects = [(rng.choice(SHAPES), rng.choice(list(COLORS)))]
         boxes = _place(rng, 1, side, side, 44, 70)
         kind, color = objects[0]
-        if level == 1 or (level == 3 and rng.random() < 0.5):
+        if level <= 2:
             question, correct, pool, why = "What shape is this?", kind, SHAPES, f"It is a {kind}"
         else:
             question, correct, pool, why = "What color is this shape?", color, tuple(COLORS), f"It is {color}"
-        options_n = level + 1
+        options_n = {1: len(SHAPES), 2: 2, 3: 3}[level]
         caption = f"{_a(color).capitalize()} {kind}."
     elif level == 4:
         side = 140
@@ -1167,10 +1163,12 @@ def _gen_choice(rng, level):
         pool = tuple(k for k in SHAPES if k not in {objects[j][0] for j in beyond})
         options_n = 3
         caption = _join(f"{_a(c)} {k}" for k, c in objects).capitalize() + ", from left to right."
-    options = rng.sample([p for p in pool if p != correct], options_n - 1)
-    at = rng.randrange(options_n)
-    options.insert(at, correct)
-    letter = LETTERS[at]
+    if level == 1:
+        options = list(SHAPES)
+    else:
+        options = rng.sample([p for p in pool if p != correct], options_n - 1)
+        options.insert(rng.randrange(options_n), correct)
+    letter = LETTERS[options.index(correct)]
     question += "".join(f"\n{LETTERS[j]}. {o}" for j, o in enumerate(options))
     bg = (255, 255, 255)
 

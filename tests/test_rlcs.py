@@ -42,7 +42,7 @@ def micro_checkpoint(path, seed=0):
 
 
 def rl_config(out, init_from, *flags):
-    base = ["--init-from", str(init_from), "--out", str(out), "--tasks", "choice", "--levels", "1", "--pool-size",
+    base = ["--init-from", str(init_from), "--out", str(out), "--tasks", "choice", "--levels", "2", "--pool-size",
             "64", "--groups-per-step", "4", "--group-size", "4", "--max-new-tokens", "40", "--think-budget", "32",
             "--save-every", "0"]
     return rlcs.config_from_args(rlcs.build_parser().parse_args([*base, *flags]))
@@ -55,11 +55,11 @@ def metrics(out):
 
 @pytest.fixture(scope="module")
 def sft_checkpoint(tmp_path_factory):
-    """A short SFT run from scratch on one easy domain (multiple choice, level 1: "What shape is this? A. … B. …").
+    """A short SFT run from scratch on one easy domain (multiple choice, level 2: "What shape is this? A. … B. …").
     80 steps teach the reply format well enough that greedy replies are well formed, while at temperature 1 most
     are not — the room RL has to improve the mean reward of its own samples."""
     root = tmp_path_factory.mktemp("sft")
-    jsonl = data.export_world(root / "world", tasks=("choice",), n=256, kind="sft", split="train", level=1)
+    jsonl = data.export_world(root / "world", tasks=("choice",), n=256, kind="sft", split="train", level=2)
     args = pretrain.build_parser("sft").parse_args([
         "--stage", "sft", "--init-from", micro_checkpoint(root / "init"), "--data", jsonl, "--seq-len", "192",
         "--global-batch", "8", "--max-steps", "80", "--lr", "3e-3", "--no-think-share", "0",
@@ -254,7 +254,7 @@ def random_micro():
 
 
 def choice_prompts(tokenizer, n=2, task="choice"):
-    pool = rlcs.synthetic_pool([task], n, 0, levels=(1,))
+    pool = rlcs.synthetic_pool([task], n, 0, levels=(2,))
     return pool, [rlcs.render_prompt(item, tokenizer, 0) for item in pool]
 
 
@@ -425,7 +425,7 @@ def test_jsonl_prompts(tmp_path):
 def sampled_reward(checkpoint, n_prompts=48, group=8):
     """Mean reward of temperature-1 replies to the first training prompts, with fixed sampling noise."""
     model, tok = rlcs.load_for_inference(checkpoint, CPU)
-    pool = rlcs.synthetic_pool(["choice"], n_prompts, 0, levels=(1,))
+    pool = rlcs.synthetic_pool(["choice"], n_prompts, 0, levels=(2,))
     prompts = [rlcs.render_prompt(item, tok, 0) for item in pool]
     replies = rlcs.rollout(model, prompts, group, 40, 32, tok.encode("</think><answer>"),
                            generator=torch.Generator().manual_seed(5))
@@ -484,7 +484,7 @@ def test_resume_continues_exactly(sft_checkpoint, tmp_path, monkeypatch):
 def test_two_processes(sft_checkpoint, tmp_path):
     """torchrun: rollouts split across ranks, FSDP2 updates, the rollout copies refreshed from the shards."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
-    args = ["--init-from", sft_checkpoint, "--out", str(tmp_path), "--tasks", "choice", "--levels", "1",
+    args = ["--init-from", sft_checkpoint, "--out", str(tmp_path), "--tasks", "choice", "--levels", "2",
             "--pool-size", "16", "--groups-per-step", "4", "--group-size", "4", "--max-new-tokens", "32",
             "--think-budget", "24", "--max-steps", "2", "--lr", "3e-4"]
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
@@ -518,7 +518,7 @@ rc = rlcs.resolve(rlcs.RLConfig(init_from=sys.argv[1], grad_clip=0.0))
 cfg, state, tok = pretrain.initial_state(rc, rank)
 policy = pretrain.build_model(rc, cfg, state, device, world)  # FSDP2-sharded when world > 1
 roller = rlcs.rollout_model(policy, cfg, device, world)  # the full weights, gathered from the shards
-pool = rlcs.synthetic_pool(["choice"], 2, 0, levels=(1,))
+pool = rlcs.synthetic_pool(["choice"], 2, 0, levels=(2,))
 prompts = [rlcs.render_prompt(item, tok, 0) for item in pool]
 replies = rlcs.rollout(roller, prompts, 4, 10, 0, [], generator=torch.Generator().manual_seed(3))
 advantages = rlcs.group_advantages(torch.tensor([[1.0, 0, 0, 1], [0, 0, 1, 0]])).flatten()
