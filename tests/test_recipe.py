@@ -13,7 +13,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SECTION = "## Reproduce the paper in miniature"
 # appended to each command (argparse: the last value of a flag wins), so every stage does a few steps of its work
 SMOKE = {
-    "data.py": ["--n", "2"],
     "pretrain.py": ["--max-steps", "2", "--seq-len", "256", "--global-batch", "2"],
     "sft.py": ["--max-steps", "2", "--seq-len", "256", "--global-batch", "2"],
     "rlcs.py": ["--max-steps", "2", "--pool-size", "2", "--levels", "1", "--grade-k", "2", "--group-size", "2",

