@@ -11,9 +11,8 @@ of all packed samples) form one (N, C) stream and attention stays inside each se
 never reaches a matmul.
 """
 import json
-import math
 import os
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -161,6 +160,15 @@ class Config:
                 "text_config": text, "vision_config": vision}
 
 
+# The tiny preset's vocabulary: ids 0–255 are UTF-8 bytes, then these GLM special tokens in this order from 256,
+# the rest of its 320 ids reserved (data.tiny_tokenizer builds it; a released model brings its own tokenizer.json).
+TINY_SPECIAL_TOKENS = ("<|endoftext|>", "[MASK]", "[gMASK]", "[sMASK]", "<sop>", "<eop>", "<|system|>", "<|user|>",
+                       "<|assistant|>", "<|observation|>", "<|begin_of_image|>", "<|end_of_image|>",
+                       "<|begin_of_video|>", "<|end_of_video|>", "<|image|>", "<|video|>", "<think>", "</think>",
+                       "<answer>", "</answer>", "<|begin_of_box|>", "<|end_of_box|>")
+_TINY_ID = {token: 256 + i for i, token in enumerate(TINY_SPECIAL_TOKENS)}
+END_OF_TURN = ("<|endoftext|>", "<|user|>", "<|observation|>")  # the stop tokens (eos_token_ids); the first pads
+
 PRESETS = {
     # the released GLM-4.1V-9B-Thinking architecture
     "9b": Config(),
@@ -169,8 +177,11 @@ PRESETS = {
                    num_attention_heads=4, num_key_value_heads=2, mrope_section=(4, 6, 6), max_position_embeddings=4096,
                    vision_depth=4, vision_hidden_size=192, vision_num_heads=3, vision_intermediate_size=688,
                    out_hidden_size=256, image_size=112,
-                   image_token_id=270, video_token_id=271, image_start_token_id=266, image_end_token_id=267,
-                   video_start_token_id=268, video_end_token_id=269, eos_token_ids=(256, 263, 265), pad_token_id=256),
+                   image_token_id=_TINY_ID["<|image|>"], video_token_id=_TINY_ID["<|video|>"],
+                   image_start_token_id=_TINY_ID["<|begin_of_image|>"], image_end_token_id=_TINY_ID["<|end_of_image|>"],
+                   video_start_token_id=_TINY_ID["<|begin_of_video|>"], video_end_token_id=_TINY_ID["<|end_of_video|>"],
+                   eos_token_ids=tuple(_TINY_ID[t] for t in END_OF_TURN),
+                   pad_token_id=_TINY_ID["<|endoftext|>"]),
 }
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -349,7 +360,7 @@ class GLM4V(nn.Module):
         cfg = self.cfg
         x = self.model.language_model.embed_tokens(input_ids)
         is_vision = input_ids == cfg.image_token_id
-        in_video = (input_ids == cfg.video_start_token_id).cumsum(-1) > (input_ids == cfg.video_end_token_id).cumsum(-1)
+        in_video = rope2d.in_video(input_ids, cfg.video_start_token_id, cfg.video_end_token_id)
         for name, pixels, grid, slots in (("image", pixel_values, image_grid_thw, is_vision & ~in_video),
                                           ("video", pixel_values_videos, video_grid_thw, is_vision & in_video)):
             if pixels is None and not slots.any():

@@ -26,16 +26,17 @@ import json
 import math
 import os
 import shutil
-import sys
 import time
 import warnings
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
 import data
+import world
 import model as M
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -48,105 +49,125 @@ def _f(default, help):  # a dataclass field that carries its command-line help
 
 
 @dataclass
-class TrainConfig:
-    preset: str = _f("tiny", "model preset from model.PRESETS (tiny | 9b); ignored with --init-from")
-    stage: str = _f("pretrain", "pretrain (stage 1) | long (stage 2: long context + video) | sft")
-    data: str = _f("", "JSONL file of {messages, images, videos} or {image, text} records; default: synthetic world")
-    tasks: str = _f("", "synthetic world: comma-separated domains to train on (default: all of the stage's)")
-    levels: str = _f("", "synthetic world: comma-separated difficulty levels 1-5 (default: all)")
-    out: str = _f("", "output directory (metrics.jsonl, checkpoints, HF export); default runs/<stage>")
-    init_from: str = _f("", "start from this Hugging Face-format checkpoint directory (e.g. the released 9B)")
-    num_layers: int = _f(0, "decoder layers of a model built from the preset, without --init-from (default: the "
-                            "preset's)")
+class RunConfig:
+    """What every training stage shares: the run, the model, the optimizer and the checkpoints. A field left None
+    takes the default of its preset and stage (DEFAULTS here, rlcs.DEFAULTS for RL)."""
+    stages: ClassVar[tuple] = ()  # the stages this kind of run can be; the first is the default
+    # the run
+    preset: str = _f("tiny", "model preset from model.PRESETS (tiny | 9b); with --init-from only its defaults apply")
+    stage: str = _f(None, "pretrain (stage 1) | long (stage 2: long context + video) | sft; rl in rlcs.py")
+    out: str = _f(None, "output directory (metrics.jsonl, checkpoints, HF export); default runs/<stage>")
+    init_from: str = _f(None, "start from this Hugging Face-format checkpoint directory (e.g. the released 9B)")
+    num_layers: int = _f(None, "decoder layers of a model built from the preset, without --init-from (default: the "
+                               "preset's)")
     resume: bool = _f(False, "continue from the latest checkpoint in --out")
-    max_steps: int = _f(0, "optimizer steps (default: per preset and stage)")
-    seq_len: int = _f(0, "tokens per packed sequence (default: per preset and stage)")
-    global_batch: int = _f(0, "packed sequences per optimizer step, across all processes (default: per preset)")
-    lr: float = _f(0.0, "peak learning rate (default: per preset and stage)")
+    max_steps: int = _f(None, "optimizer steps (RL: iterations) (default: per preset and stage)")
+    seed: int = _f(0, "seed for weight init, the data order and sampling")
+    # the data
+    data: str = _f(None, "JSONL file of records (conversations, caption pairs or RL prompts); default: the "
+                         "synthetic world")
+    tasks: str = _f(None, "synthetic world: comma-separated domains (default: all of the stage's)")
+    levels: str = _f(None, "synthetic world: comma-separated difficulty levels 1-5 (default: all)")
+    # the optimizer
+    lr: float = _f(None, "peak learning rate (default: per preset and stage)")
     vision_lr_ratio: float = _f(1.0, "the ViT and projector learn at lr × this (the decoder at lr)")
-    min_lr_ratio: float = _f(0.1, "cosine decay ends at lr × this")
-    warmup_steps: int = _f(-1, "linear warm-up steps (default: 5%% of max_steps)")
-    weight_decay: float = _f(0.1, "AdamW weight decay on matrices (norms, biases and the position table: none)")
+    min_lr_ratio: float = _f(None, "cosine decay ends at lr × this (1: constant)")
+    warmup_steps: int = _f(None, "linear warm-up steps (default: 5%% of max_steps; RL: none)")
+    weight_decay: float = _f(None, "AdamW weight decay on matrices (norms, biases and the position table: none)")
     beta1: float = _f(0.9, "AdamW beta1")
     beta2: float = _f(0.95, "AdamW beta2")
     grad_clip: float = _f(1.0, "clip the global gradient norm to this (0: off)")
-    seed: int = _f(0, "seed for weight init and the data order")
-    no_think_share: float = _f(0.1, "SFT: share of replies with an empty <think></think> (makes --no-think work)")
+    max_bad_steps: int = _f(5, "stop after this many consecutive steps with a non-finite loss or gradient")
+    # the model while training
     freeze_vision: bool = _f(False, "freeze the ViT (the projector stays trainable)")
     freeze_llm: bool = _f(False, "freeze the language model and lm_head")
-    activation_checkpointing: bool = _f(False, "recompute each layer in the backward pass (saves memory)")
+    activation_checkpointing: bool = _f(None, "recompute each layer in the backward pass (saves memory; default: "
+                                              "on for the 9B)")
     compile: bool = _f(False, "torch.compile each ViT block and decoder layer")
-    save_every: int = _f(0, "checkpoint every N steps (0: only at the end)")
+    # checkpoints
+    save_every: int = _f(None, "checkpoint every N steps (0: only at the end)")
     keep_checkpoints: int = _f(2, "how many training checkpoints to keep")
+
+
+@dataclass
+class TrainConfig(RunConfig):
+    """Pretraining, long-context training and SFT: this trainer (pretrain.py, sft.py)."""
+    stages: ClassVar[tuple] = ("pretrain", "long", "sft")
+    seq_len: int = _f(None, "tokens per packed sequence (default: per preset and stage)")
+    global_batch: int = _f(None, "packed sequences per optimizer step, across all processes (default: per preset)")
+    no_think_share: float = _f(0.1, "SFT: share of replies with an empty <think></think> (makes --no-think work)")
     num_workers: int = _f(0, "DataLoader workers rendering batches in the background")
-    max_bad_steps: int = _f(5, "stop after this many consecutive steps with a non-finite loss or gradient")
     dry_run: bool = _f(False, "build on the meta device, print parameters, FLOPs/token and memory per GPU, exit")
-    world_size: int = _f(0, "--dry-run: plan for this many GPUs (default: the current world size)")
+    world_size: int = _f(None, "--dry-run: plan for this many GPUs (default: the current world size)")
 
 
-# Per preset and stage: the paper's numbers for the 9B, a laptop-sized version of them for tiny.
+# The defaults of the None fields: per stage, then per (preset, stage) — the paper's numbers for the 9B (paper §3),
+# a laptop-sized version of them for tiny. The optimizer and schedule are ours: AdamW (β 0.9/0.95, weight decay
+# 0.1 on matrices), linear warm-up, cosine decay to 10% of the peak.
 DEFAULTS = {
+    "pretrain": dict(min_lr_ratio=0.1, weight_decay=0.1, save_every=0, activation_checkpointing=False),
+    "long": dict(min_lr_ratio=0.1, weight_decay=0.1, save_every=0, activation_checkpointing=False),
+    "sft": dict(min_lr_ratio=0.1, weight_decay=0.1, save_every=0, activation_checkpointing=False),
     ("9b", "pretrain"): dict(seq_len=8192, global_batch=1536, max_steps=120_000, lr=2e-4, activation_checkpointing=True),
     ("9b", "long"): dict(seq_len=32768, global_batch=384, max_steps=10_000, lr=5e-5, activation_checkpointing=True),
     ("9b", "sft"): dict(seq_len=32768, global_batch=32, max_steps=3000, lr=1e-5, activation_checkpointing=True),
-    # tiny: at lr 2e-3 the from-scratch ViT collapses to a constant output and the decoder learns to ignore the
-    # images (held-out caption loss identical with shuffled images); 1e-3 learns to see, SFT then stays gentler.
-    # The collapse is the ViT's: its patch embedding sums 1,176 pixels, mostly the same white background, so each
-    # Adam step moves it far. --vision-lr-ratio helps: shuffled-image loss gap on choice captions after 80 steps
-    # 0.45 at 1e-3 alone, 0.56 with ratio 0.1, 0 at 2e-3 alone, 0.60 at 2e-3 with ratio 0.15 (not the default:
-    # the recipe's numbers in the README were measured without it)
+    # tiny: 1e-3, not 2e-3, at which the from-scratch ViT collapses (README, "Train")
     ("tiny", "pretrain"): dict(seq_len=512, global_batch=8, max_steps=300, lr=1e-3),
     ("tiny", "long"): dict(seq_len=1024, global_batch=4, max_steps=50, lr=5e-4),
     ("tiny", "sft"): dict(seq_len=512, global_batch=8, max_steps=300, lr=5e-4),
 }
 
 
-def resolve(tc: TrainConfig) -> TrainConfig:
-    """Fill the zeros with the preset/stage defaults."""
-    if tc.stage not in ("pretrain", "long", "sft"):
-        raise ValueError(f"--stage must be pretrain, long or sft, not {tc.stage!r}")
-    if tc.preset not in M.PRESETS:
-        raise ValueError(f"--preset must be one of {', '.join(M.PRESETS)}, not {tc.preset!r}")
-    defaults = DEFAULTS.get((tc.preset, tc.stage), DEFAULTS[("tiny", tc.stage)])
-    for key, value in defaults.items():
-        if key == "activation_checkpointing":
-            tc.activation_checkpointing = tc.activation_checkpointing or value
-        elif not getattr(tc, key):
-            setattr(tc, key, value)
-    if tc.warmup_steps < 0:
-        tc.warmup_steps = max(1, tc.max_steps // 20)
-    if tc.num_layers and tc.init_from:
+def resolve_run(cfg: RunConfig, defaults: dict) -> RunConfig:
+    """Check the fields every stage shares and fill the None ones from `defaults` (see DEFAULTS)."""
+    cfg.stage = cfg.stage or cfg.stages[0]
+    if cfg.stage not in cfg.stages:
+        raise ValueError(f"--stage must be one of {', '.join(cfg.stages)}, not {cfg.stage!r}")
+    if cfg.preset not in M.PRESETS:
+        raise ValueError(f"--preset must be one of {', '.join(M.PRESETS)}, not {cfg.preset!r}")
+    for key, value in {**defaults.get(cfg.stage, {}), **defaults.get((cfg.preset, cfg.stage), {})}.items():
+        if getattr(cfg, key) is None:
+            setattr(cfg, key, value)
+    if cfg.num_layers is not None and cfg.init_from:
         raise ValueError("--num-layers builds a model from the preset; a model from --init-from keeps its layers")
-    if tc.num_layers < 0:
-        raise ValueError(f"--num-layers must be positive, got {tc.num_layers}")
-    if tc.vision_lr_ratio <= 0:
+    if cfg.num_layers is not None and cfg.num_layers < 1:
+        raise ValueError(f"--num-layers must be positive, got {cfg.num_layers}")
+    if cfg.vision_lr_ratio <= 0:
         raise ValueError(f"--vision-lr-ratio must be positive (--freeze-vision freezes the ViT), "
-                         f"got {tc.vision_lr_ratio}")
-    tc.out = tc.out or os.path.join("runs", tc.stage)
+                         f"got {cfg.vision_lr_ratio}")
+    cfg.out = cfg.out or os.path.join("runs", cfg.stage)
+    return cfg
+
+
+def resolve(tc: TrainConfig) -> TrainConfig:
+    resolve_run(tc, DEFAULTS)
+    if tc.warmup_steps is None:
+        tc.warmup_steps = max(1, tc.max_steps // 20)
     return tc
 
 
-def build_parser(description: str, defaults: dict = None, config_class=None) -> argparse.ArgumentParser:
-    """One --kebab-case flag per field of `config_class` (TrainConfig; rlcs.py passes its RLConfig), typed from its
-    default, with its help string."""
+def build_parser(config_class, description: str, defaults: dict = None) -> argparse.ArgumentParser:
+    """One --kebab-case flag per field of `config_class`, typed from its annotation, with its help string;
+    `defaults` overrides field defaults (sft.py: --stage sft)."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="shorthand for --preset tiny")
-    for f in dataclasses.fields(config_class or TrainConfig):
+    for f in dataclasses.fields(config_class):
         flag = "--" + f.name.replace("_", "-")
         default = (defaults or {}).get(f.name, f.default)
-        if isinstance(f.default, bool):
+        if f.type is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=f.metadata["help"])
         else:
-            parser.add_argument(flag, type=type(f.default), default=default, help=f.metadata["help"])
+            parser.add_argument(flag, type=f.type, default=default, help=f.metadata["help"])
     parser.add_argument("--config", dest="preset", help="alias of --preset")
     return parser
 
 
-def config_from_args(args) -> TrainConfig:
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
+def config_from_args(args, config_class=None, resolve_fn=None):
+    """The parsed flags as a resolved config (TrainConfig by default)."""
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(config_class or TrainConfig)}
     if args.tiny:
         values["preset"] = "tiny"
-    return resolve(TrainConfig(**values))
+    return (resolve_fn or resolve)((config_class or TrainConfig)(**values))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -180,47 +201,47 @@ def log(*args, rank=None):
         print(*args, flush=True)
 
 
-def preset_config(tc: TrainConfig) -> M.Config:
+def preset_config(run: RunConfig) -> M.Config:
     """The preset's model config, with --num-layers decoder layers when given."""
-    cfg = M.PRESETS[tc.preset]
-    return dataclasses.replace(cfg, num_hidden_layers=tc.num_layers) if tc.num_layers else cfg
+    cfg = M.PRESETS[run.preset]
+    return dataclasses.replace(cfg, num_hidden_layers=run.num_layers) if run.num_layers else cfg
 
 
-def initial_state(tc: TrainConfig, rank: int):
+def initial_state(run: RunConfig, rank: int):
     """(model Config, full state dict on rank 0 — {} on other ranks — and the tokenizer)."""
-    if tc.init_from:
-        cfg = M.Config.from_hf(tc.init_from)
-        tokenizer_path = os.path.join(tc.init_from, "tokenizer.json")
+    if run.init_from:
+        cfg = M.Config.from_hf(run.init_from)
+        tokenizer_path = os.path.join(run.init_from, "tokenizer.json")
         if not os.path.exists(tokenizer_path):
             raise FileNotFoundError(f"{tokenizer_path} is missing: a checkpoint directory must carry its tokenizer")
         tokenizer = data.load_tokenizer(tokenizer_path)
-        state = M.GLM4V.from_pretrained(tc.init_from, dtype=torch.float32).state_dict() if rank == 0 else {}
+        state = M.GLM4V.from_pretrained(run.init_from, dtype=torch.float32).state_dict() if rank == 0 else {}
         return cfg, state, tokenizer
-    cfg = preset_config(tc)
-    if tc.preset != "tiny":
-        raise ValueError(f"training the {tc.preset} preset from scratch needs its tokenizer: pass --init-from DIR "
+    cfg = preset_config(run)
+    if run.preset != "tiny":
+        raise ValueError(f"training the {run.preset} preset from scratch needs its tokenizer: pass --init-from DIR "
                          "(a checkpoint directory with tokenizer.json, e.g. the released GLM-4.1V-9B-Thinking)")
     tokenizer = data.tiny_tokenizer()
     if rank != 0:
         return cfg, {}, tokenizer
-    torch.manual_seed(tc.seed)
+    torch.manual_seed(run.seed)
     return cfg, M.GLM4V(cfg).init_weights().state_dict(), tokenizer
 
 
-def build_model(tc: TrainConfig, cfg: M.Config, state: dict, device, world: int):
+def build_model(run: RunConfig, cfg: M.Config, state: dict, device, world: int):
     """The model on `device`, frozen parts marked, FSDP2-sharded when world > 1, holding `state`."""
     with torch.device("meta"):
         model = M.GLM4V(cfg)
-    if tc.freeze_vision:  # the ViT; the projector (downsample + merger) keeps learning
+    if run.freeze_vision:  # the ViT; the projector (downsample + merger) keeps learning
         for name, p in model.model.visual.named_parameters():
             p.requires_grad = name.startswith(("downsample", "merger"))
-    if tc.freeze_llm:
+    if run.freeze_llm:
         for p in [*model.model.language_model.parameters(), *model.lm_head.parameters()]:
             p.requires_grad = False
     blocks = [*model.model.visual.blocks, *model.model.language_model.layers]
     for block in blocks:
-        block.activation_checkpointing = tc.activation_checkpointing
-        if tc.compile:
+        block.activation_checkpointing = run.activation_checkpointing
+        if run.compile:
             block.compile()
     if world > 1:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
@@ -242,7 +263,7 @@ def build_model(tc: TrainConfig, cfg: M.Config, state: dict, device, world: int)
     return model
 
 
-def build_optimizer(model, tc: TrainConfig, device):
+def build_optimizer(model, run: RunConfig, device):
     """AdamW in four groups: {decoder, ViT + projector} × {matrices (weight decay), the rest}; each group's
     `lr_scale` multiplies the scheduled learning rate (set_lr)."""
     groups = []
@@ -251,9 +272,9 @@ def build_optimizer(model, tc: TrainConfig, device):
             params = [p for n, p in model.named_parameters() if p.requires_grad and ("visual" in n) == vision
                       and (p.dim() >= 2 and "position_embedding" not in n) == decay]
             if params:
-                groups.append({"params": params, "weight_decay": tc.weight_decay if decay else 0.0,
-                               "lr_scale": getattr(tc, "vision_lr_ratio", 1.0) if vision else 1.0})
-    return torch.optim.AdamW(groups, lr=tc.lr, betas=(tc.beta1, tc.beta2), fused=device.type == "cuda")
+                groups.append({"params": params, "weight_decay": run.weight_decay if decay else 0.0,
+                               "lr_scale": run.vision_lr_ratio if vision else 1.0})
+    return torch.optim.AdamW(groups, lr=run.lr, betas=(run.beta1, run.beta2), fused=device.type == "cuda")
 
 
 def set_lr(optimizer, lr: float):
@@ -262,12 +283,12 @@ def set_lr(optimizer, lr: float):
         group["lr"] = lr * group.get("lr_scale", 1.0)
 
 
-def lr_at(step: int, tc: TrainConfig) -> float:
+def lr_at(step: int, run: RunConfig) -> float:
     """Linear warm-up, then cosine decay to lr × min_lr_ratio at max_steps."""
-    if step < tc.warmup_steps:
-        return tc.lr * (step + 1) / tc.warmup_steps
-    progress = min(1.0, (step - tc.warmup_steps) / max(1, tc.max_steps - tc.warmup_steps))
-    return tc.lr * (tc.min_lr_ratio + (1 - tc.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+    if step < run.warmup_steps:
+        return run.lr * (step + 1) / run.warmup_steps
+    progress = min(1.0, (step - run.warmup_steps) / max(1, run.max_steps - run.warmup_steps))
+    return run.lr * (run.min_lr_ratio + (1 - run.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -439,6 +460,19 @@ def export_hf(model, cfg: M.Config, tokenizer, out: str, rank: int):
     barrier()
 
 
+def rank_world():
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def gather_objects(obj) -> list:
+    """[obj of rank 0, obj of rank 1, ...] on every rank ([obj] without torch.distributed)."""
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def barrier():
     if dist.is_initialized():
         dist.barrier()
@@ -454,15 +488,15 @@ def data_source(tc: TrainConfig):
     1, paper §3.2), reasoning conversations for SFT."""
     if tc.data:
         return data.JsonlSource(tc.data)
-    levels = tuple(int(x) for x in tc.levels.split(",")) if tc.levels else data.LEVELS
+    levels = tuple(int(x) for x in tc.levels.split(",")) if tc.levels else world.LEVELS
     if tc.tasks:
         tasks = tuple(tc.tasks.split(","))
     else:
-        tasks = data.TASKS if tc.stage != "pretrain" else tuple(t for t in data.TASKS if t != "video_grounding")
+        tasks = world.TASKS if tc.stage != "pretrain" else tuple(t for t in world.TASKS if t != "video_grounding")
     if tc.stage == "sft":
-        return data.SyntheticSource(kind="sft", split="train", seed=tc.seed, tasks=tasks, levels=levels,
+        return world.SyntheticSource(kind="sft", split="train", seed=tc.seed, tasks=tasks, levels=levels,
                                     no_think_share=tc.no_think_share)
-    return data.SyntheticSource(kind="caption", split="train", seed=tc.seed, tasks=tasks, levels=levels)
+    return world.SyntheticSource(kind="caption", split="train", seed=tc.seed, tasks=tasks, levels=levels)
 
 
 MODEL_INPUTS = ("input_ids", "position_ids", "cu_seqlens", "pixel_values", "image_grid_thw", "pixel_values_videos",
@@ -531,7 +565,26 @@ def train_step(model, optimizer, batches, device, world: int, autocast, grad_cli
     return float(loss), float(grad_norm), tokens, ok
 
 
+def checkpoint_to_resume(run: RunConfig):
+    """The checkpoint --resume continues from (None: a fresh run); a fresh run never overwrites an earlier one."""
+    os.makedirs(run.out, exist_ok=True)
+    latest = latest_checkpoint(run.out)
+    if latest and not run.resume:
+        raise FileExistsError(f"{run.out} already holds a training checkpoint: pass --resume to continue it, or "
+                              "choose another --out")
+    return latest if run.resume else None
+
+
+def autocast_for(device, world: int):
+    """bf16 autocast on a single GPU; under FSDP the MixedPrecisionPolicy casts instead, and a CPU trains in fp32."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=world == 1)
+    return torch.autocast("cpu", enabled=False)
+
+
 def train(tc: TrainConfig):
+    """Stage 1/2 pretraining or SFT, under torchrun or not: set up, then train_step until max_steps, logging every
+    step and saving every save_every steps and at the end. Returns the model."""
     rank, world, device = setup_distributed()
     if tc.dry_run:
         if rank == 0:
@@ -539,11 +592,7 @@ def train(tc: TrainConfig):
         return None
     if tc.global_batch % world:
         raise ValueError(f"--global-batch {tc.global_batch} must be a multiple of the number of processes ({world})")
-    os.makedirs(tc.out, exist_ok=True)
-    resume_from = latest_checkpoint(tc.out) if tc.resume else None
-    if not tc.resume and latest_checkpoint(tc.out):
-        raise FileExistsError(f"{tc.out} already holds a training checkpoint: pass --resume to continue it, or "
-                              "choose another --out")
+    resume_from = checkpoint_to_resume(tc)
     cfg, state, tokenizer = initial_state(tc, rank)
     model = build_model(tc, cfg, state, device, world)
     del state
@@ -557,29 +606,24 @@ def train(tc: TrainConfig):
         loader.load_state_dict(trainer_state["data"])
         log(f"resumed from {resume_from} at step {step}")
     if rank == 0:
-        with open(os.path.join(tc.out, "train_config.json"), "w") as f:
-            json.dump({"train": dataclasses.asdict(tc), "model": cfg.to_hf(), "world_size": world}, f, indent=2)
+        write_atomic(os.path.join(tc.out, "train_config.json"), json.dumps(
+            {"train": dataclasses.asdict(tc), "model": cfg.to_hf(), "world_size": world}, indent=2))
         log(json.dumps(dataclasses.asdict(tc)))
-        n_params = sum(p.numel() for p in model.parameters())
-        log(f"{n_params:,} parameters on {world} × {device.type}; {tc.global_batch} × {tc.seq_len} tokens per step")
+        log(f"{sum(p.numel() for p in model.parameters()):,} parameters on {world} × {device.type}; "
+            f"{tc.global_batch} × {tc.seq_len} tokens per step")
     metrics = Metrics(tc.out, rank, step)
-    # bf16 autocast on a single GPU; under FSDP the MixedPrecisionPolicy casts, and the CPU trains in fp32
-    use_autocast = device.type == "cuda" and world == 1
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_autocast) if device.type == "cuda" \
-        else torch.autocast("cpu", enabled=False)
-    flops = flops_per_token(cfg, tc.seq_len)
-    peak = peak_flops(device) * world
+    autocast = autocast_for(device, world)
+    flops, peak = flops_per_token(cfg, tc.seq_len), peak_flops(device) * world
     total_tokens, bad_in_a_row, skipped = 0, 0, 0
     model.train()
     bar = tqdm(total=tc.max_steps, initial=step, disable=rank != 0, desc=tc.stage, dynamic_ncols=True)
     batches_iter = iter(loader)
     while step < tc.max_steps:
         start = time.perf_counter()
-        batches = next(batches_iter)
         lr = lr_at(step, tc)
         set_lr(optimizer, lr)
-        loss, grad_norm, local_tokens, ok = train_step(model, optimizer, batches, device, world, autocast,
-                                                          tc.grad_clip)
+        loss, grad_norm, local_tokens, ok = train_step(model, optimizer, next(batches_iter), device, world, autocast,
+                                                      tc.grad_clip)
         tokens = int(all_reduce_sum(torch.tensor(float(local_tokens), device=device)).item())
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -591,17 +635,13 @@ def train(tc: TrainConfig):
                "tok_per_s": tokens / seconds, "mfu": flops * tokens / seconds / peak if peak else None,
                "skipped_steps": skipped, "seconds": seconds}
         metrics.write(row)
-        if not ok:  # NaN/inf guard: the update was skipped; several in a row means something is broken
-            log(f"step {step}: non-finite loss ({loss}) or gradient norm ({grad_norm}); update skipped")
-            if bad_in_a_row >= tc.max_bad_steps:
-                raise RuntimeError(f"{bad_in_a_row} steps in a row had a non-finite loss or gradient (last loss "
-                                   f"{loss}); stopping. Lower --lr, check the data, or resume from the last checkpoint.")
+        check_finite(ok, bad_in_a_row, tc.max_bad_steps, f"step {step}: non-finite loss ({loss}) or gradient norm "
+                                                         f"({grad_norm})")
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{row['tok_per_s']:.0f}",
                         **({"mfu": f"{row['mfu']:.1%}"} if peak else {}))
         if step == tc.max_steps or (tc.save_every and step % tc.save_every == 0):
-            # the data position of the next step: the loader may have run ahead in worker processes
-            loader.step = step
+            loader.step = step  # the data position of the next step: workers may have run ahead
             save_training_state(model, optimizer, {"step": step, "data": loader.state_dict()}, tc.out, step, rank,
                                 tc.keep_checkpoints)
             export_hf(model, cfg, tokenizer, tc.out, rank)
@@ -611,8 +651,18 @@ def train(tc: TrainConfig):
     return model
 
 
+def check_finite(ok: bool, bad_in_a_row: int, max_bad_steps: int, what: str):
+    """The NaN/inf guard: a skipped update is logged; max_bad_steps of them in a row stop the run."""
+    if ok:
+        return
+    log(f"{what}; update skipped")
+    if bad_in_a_row >= max_bad_steps:
+        raise RuntimeError(f"{bad_in_a_row} steps in a row had a non-finite loss or gradient ({what}); stopping. "
+                           "Lower --lr, check the data, or resume from the last checkpoint.")
+
+
 def main(argv=None, stage_defaults: dict = None, description: str = __doc__):
-    args = build_parser(description, stage_defaults).parse_args(argv)
+    args = build_parser(TrainConfig, description, stage_defaults).parse_args(argv)
     train(config_from_args(args))
 
 

@@ -5,7 +5,7 @@ verifier lets the policy hack its reward ("a number between 0 and 10") and drags
 So `score(task, response, answer) -> float in [0, 1]` is strict everywhere and never raises on model output.
 
 Design (the algorithmic choices, top to bottom):
-* Format, checked in one place (`check_format`): the reply is `<think>…</think><answer>…</answer>` with exactly one
+* Format, checked in one place (`data.parse_reply`): the reply is `<think>…</think><answer>…</answer>` with exactly one
   `<|begin_of_box|>X<|end_of_box|>` inside the answer, optionally followed by one end-of-turn token. Only X is
   graded; anything malformed scores 0. Format is learned in SFT and not rewarded in RL (paper §5).
 * Verifiers, as in paper Table 1: math — value equality, relative tolerance 1e-6; choice — exactly one letter;
@@ -34,16 +34,16 @@ import random
 import re
 import string
 import sys
-import time
 import unicodedata
 import warnings
 from fractions import Fraction
 from functools import lru_cache
 
+import data
+
 # ----------------------------------------------------------------------------------------------------------------
 # Tasks, tolerances and limits (paper Table 1)
 
-TASKS = ("math", "choice", "ocr", "counting", "chart", "grounding", "gui", "video_grounding")
 MATH_REL_TOL = Fraction(1, 10**6)        # paper Table 1: SymPy numeric equality, relative tolerance 1e-6
 CHART_REL_TOL = Fraction(25, 1000)       # paper Table 1: chart numbers within 2.5e-2 ...
 YEARS = (1000, 3000)                     # ... except integers in this range, which are years and must be exact
@@ -63,50 +63,14 @@ MAX_ROOT = 64                            # \sqrt[n]{…} and x^{p/q}: n, q ≤ 6
 MAX_BOXES = 100                          # predicted boxes in one answer
 
 # ----------------------------------------------------------------------------------------------------------------
-# Answer extraction: the only place that knows the reply format (SPEC §1 chat format)
-
-THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
-ANSWER_OPEN, ANSWER_CLOSE = "<answer>", "</answer>"
-BOX_OPEN, BOX_CLOSE = "<|begin_of_box|>", "<|end_of_box|>"
-FORMAT_TAGS = (THINK_OPEN, THINK_CLOSE, ANSWER_OPEN, BOX_OPEN, BOX_CLOSE, ANSWER_CLOSE)  # in their required order
-END_OF_TURN = ("<|endoftext|>", "<|user|>", "<|observation|>")  # a decoded reply may keep its stop token
-
-
-_FORMAT_TAG = re.compile("|".join(re.escape(tag) for tag in FORMAT_TAGS))
-
-
-def check_format(response):
-    """(box content, None) for a well-formed reply, else (None, what is wrong).
-
-    Well-formed: optional whitespace, `<think>…</think>`, optional whitespace, `<answer>…</answer>`, optional
-    whitespace and at most one end-of-turn token; the six tags occur exactly once each, in this order, so nesting,
-    a second box or a box in the thinking are all malformed. One regex pass finds the tags: a 1 MB reply costs <1 ms.
-    """
-    if not isinstance(response, str):
-        return None, f"reply is a {type(response).__name__}, not a str"
-    if len(response) > MAX_RESPONSE_CHARS:
-        return None, f"reply longer than {MAX_RESPONSE_CHARS} characters"
-    found = []
-    for m in _FORMAT_TAG.finditer(response):
-        if len(found) == len(FORMAT_TAGS):
-            return None, f"more than {len(FORMAT_TAGS)} format tags"
-        found.append(m)
-    if [m.group() for m in found] != list(FORMAT_TAGS):
-        return None, f"format tags {''.join(m.group() for m in found) or 'missing'}; expected {''.join(FORMAT_TAGS)}"
-    think_open, think_close, answer_open, box_open, box_close, answer_close = found
-    if response[:think_open.start()].strip():
-        return None, "text before <think>"
-    if response[think_close.end():answer_open.start()].strip():
-        return None, "text between </think> and <answer>"
-    tail = response[answer_close.end():].strip()
-    if tail and tail not in END_OF_TURN:
-        return None, "text after </answer>"
-    return response[box_open.end():box_close.start()], None
+# Answer extraction: the reply format is data.py's (`parse_reply`); only the box content is graded
 
 
 def extract_answer(response):
-    """The box content of a well-formed reply, or None."""
-    return check_format(response)[0]
+    """The box content of a well-formed reply (data.parse_reply), or None; an over-long reply is not read."""
+    if isinstance(response, str) and len(response) > MAX_RESPONSE_CHARS:
+        return None
+    return data.parse_reply(response)[0]
 
 
 class _Unreadable(ValueError):
@@ -840,13 +804,13 @@ def parse_truth(task, answer_text):
 def score(task, response, answer, lenient=False):
     """Reward of one reply: a float in [0, 1]. Never raises on any response or answer.
 
-    task: one of TASKS (anything else is a programming error and raises ValueError, so that a typo cannot silently
+    task: a key of VERIFIERS (anything else is a programming error and raises ValueError, so that a typo cannot silently
     zero the rewards of a whole run). response: the decoded reply with special tokens kept as strings. answer: the
     ground truth as the dataset stores it (string, or the equivalent number/list/dict). lenient=True adds the
     deliberately hackable verifier of paper §5 (see `lenient_score`); only for reproducing the collapse.
     """
     if not isinstance(task, str) or task not in VERIFIERS:
-        raise ValueError(f"rewards.score: unknown task {task!r}; expected one of {', '.join(TASKS)}")
+        raise ValueError(f"rewards.score: unknown task {task!r}; expected one of {', '.join(VERIFIERS)}")
     try:
         value = 0.0
         pred = extract_answer(response)
@@ -908,96 +872,17 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description="Score one model reply and show how the verifier read it.")
     ap.add_argument("response", nargs="?",
                     help="the model reply, <think>…</think><answer>…</answer>; read from stdin when omitted")
-    ap.add_argument("--task", required=True, choices=TASKS, help="which verifier to use")
+    ap.add_argument("--task", required=True, choices=list(VERIFIERS), help="which verifier to use")
     ap.add_argument("--answer", required=True, help="the ground truth as the dataset stores it, e.g. 1/2 or [1,2,3,4]")
     ap.add_argument("--lenient", action="store_true", help="use the deliberately hackable verifier (the bad example)")
     args = ap.parse_args(argv)
     response = sys.stdin.read() if args.response is None else args.response
-    content, problem = check_format(response)
+    content, problem = data.parse_reply(response)
     print(f"extracted: {content!r}" if problem is None else f"extracted: none, malformed reply: {problem}")
     if content is not None:
         print(f"parse:     {describe(args.task, content)}")
     print(f"truth:     {describe(args.task, args.answer)}")
     print(f"score:     {score(args.task, response, args.answer, lenient=args.lenient)}")
-
-
-# --- benchmarks (called by bench.py) ---
-
-def _bench_group(task, rng):
-    """One GRPO group's truth and a function making a right or wrong rollout answer for it (contract formats)."""
-    if task == "math":
-        a, b = rng.randint(1, 99), rng.randint(2, 99)
-        forms = [f"\\frac{{{a}}}{{{b}}}", f"{a}/{b}", f"{a / b:.10f}", f"\\frac{{{2 * a}}}{{{2 * b}}}",
-                 f"{a}\\times {b}^{{-1}}", f"${a}/{b}$"]
-        return f"{a}/{b}", lambda right: rng.choice(forms) if right else f"\\frac{{{a + rng.randint(1, 9)}}}{{{b}}}"
-    if task == "choice":
-        letter = rng.choice("ABCD")
-        forms = [letter, f"({letter})", f"{letter}."]
-        return letter, lambda right: rng.choice(forms) if right else rng.choice("ABCD") + "B"
-    if task == "ocr":
-        text = "".join(rng.choice("ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 ") for _ in range(rng.randint(5, 30)))
-        text = text.strip() or "A"
-        return text, lambda right: text if right else text[:-1] + rng.choice("QXZ")
-    if task == "counting":
-        k = rng.randint(0, 20)
-        return str(k), lambda right: str(k if right else k + rng.randint(1, 3))
-    if task == "chart":
-        v = rng.randint(1, 5000) / 10
-        return f"{v}", lambda right: f"{v * (1 + rng.uniform(-0.02, 0.02)):.3f}" if right else f"{v * 1.1:.2f}"
-    if task == "grounding":
-        x, y = rng.randint(0, 800), rng.randint(0, 800)
-        dx = lambda right: rng.randint(0, 20) if right else 200
-        return f"[{x},{y},{x + 150},{y + 120}]", lambda right: (
-            lambda d: f"[{x + d}, {y}, {x + 150 + d}, {y + 120}]")(dx(right))
-    if task == "gui":
-        x, y = rng.randint(0, 800), rng.randint(0, 800)
-        return json.dumps({"action": "click", "box": [x, y, x + 100, y + 40]}), lambda right: (
-            lambda d: json.dumps({"action": "click", "box": [x + d, y, x + 100 + d, y + 40]}))(
-                rng.randint(0, 10) if right else 150)
-    s = rng.randint(0, 50) / 2
-    return f"[{s}, {s + 3.0}]", lambda right: (lambda d: f"[{s + d:.2f}, {s + 3.0 + d:.2f}]")(
-        rng.uniform(0, 0.5) if right else 2.5)
-
-
-def _bench_cases(task, n, rng, group_size=8):
-    """n (response, answer) pairs: groups of 8 rollouts share a truth, about half are right, every reply has a
-    1,500-character thinking part."""
-    think = "<think>" + "Let me look at the image carefully and reason step by step. " * 25 + "</think>"
-    cases = []
-    while len(cases) < n:
-        truth, make_pred = _bench_group(task, rng)
-        for _ in range(group_size):
-            pred = make_pred(rng.random() < 0.5)
-            cases.append((f"{think}<answer>The answer is {BOX_OPEN}{pred}{BOX_CLOSE}.</answer>", truth))
-    return cases[:n]
-
-
-def bench_rewards(device="cpu", n=4000, seed=0):
-    """Verifier throughput (scores/s, one core) per task; the RL loop must never wait on scoring (goal ≥ 10,000/s
-    for math). For math the peer is SymPy deciding equality on the same parses (`simplify(a − b) == 0`), which is
-    what a SymPy-based verifier would do. `device` is accepted for bench.py's uniform signature; scoring is CPU."""
-    rng = random.Random(seed)
-    rows = []
-    for task in TASKS:
-        cases = _bench_cases(task, n, rng)
-        math_readings.cache_clear()
-        parse_truth.cache_clear()
-        start = time.perf_counter()
-        for response, answer in cases:
-            score(task, response, answer)
-        ours = n / (time.perf_counter() - start)
-        row = {"name": f"rewards.score[{task}]", "ours": round(ours), "peer": None, "ratio": None,
-               "units": "scores/s"}
-        if task == "math":
-            import sympy
-            pairs = [(parse_math(extract_answer(r))[0], parse_math(a)[0]) for r, a in cases[:200]]
-            start = time.perf_counter()
-            for pred, truth in pairs:
-                sympy.simplify(to_sympy(pred) - to_sympy(truth)) == 0
-            peer = len(pairs) / (time.perf_counter() - start)
-            row.update(peer=round(peer), ratio=round(ours / peer, 1), peer_name="sympy.simplify(a - b) == 0")
-        rows.append(row)
-    return rows
 
 
 if __name__ == "__main__":

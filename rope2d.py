@@ -112,6 +112,12 @@ def apply_mrope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def in_video(input_ids: torch.Tensor, video_start_token_id: int, video_end_token_id: int) -> torch.Tensor:
+    """(..., T) bool: the tokens inside <|begin_of_video|>…<|end_of_video|>, where an image placeholder is a video
+    frame pair (images and videos share the placeholder token)."""
+    return (input_ids == video_start_token_id).cumsum(-1) > (input_ids == video_end_token_id).cumsum(-1)
+
+
 def get_rope_index(input_ids: torch.Tensor, image_grid_thw=None, video_grid_thw=None, attention_mask=None, *,
                    image_token_id: int, video_start_token_id: int, video_end_token_id: int,
                    spatial_merge_size: int):
@@ -140,7 +146,7 @@ def get_rope_index(input_ids: torch.Tensor, image_grid_thw=None, video_grid_thw=
     for b in range(B):
         keep = torch.ones(T, dtype=torch.bool) if mask_cpu is None else mask_cpu[b]
         ids = ids_cpu[b][keep]
-        in_video = (torch.cumsum(ids == video_start_token_id, 0) - torch.cumsum(ids == video_end_token_id, 0)) > 0
+        video = in_video(ids, video_start_token_id, video_end_token_id)
         is_vision = ids == image_token_id
         # runs of equal "is_vision" give text spans and vision spans
         change = torch.nonzero(is_vision[1:] != is_vision[:-1]).flatten() + 1
@@ -151,7 +157,7 @@ def get_rope_index(input_ids: torch.Tensor, image_grid_thw=None, video_grid_thw=
                 pieces.append(torch.arange(p, p + end - start).expand(3, -1))
                 p += end - start
                 continue
-            if in_video[start]:
+            if video[start]:
                 if next_frame >= len(frame_grids):
                     raise ValueError(f"row {b}: more video frame runs in input_ids than video_grid_thw provides "
                                      f"({len(frame_grids)} frame pairs)")

@@ -29,11 +29,10 @@ Choices made here (gpt-fast style, no framework):
   (before top-p truncation; temperature 0 counts as 1); forced tokens get the model's log-prob too.
 """
 import argparse
-import dataclasses
 import os
 import sys
-import time
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -240,12 +239,48 @@ def generate(model: M.GLM4V, input_ids, max_new_tokens: int, temperature: float 
     return tokens, logprobs
 
 
+def noise_generator(device, *parts) -> torch.Generator:
+    """A torch.Generator seeded from (seed, iteration, rank, ...): sampling noise that a resumed run repeats."""
+    return torch.Generator(device).manual_seed(int(np.random.SeedSequence(list(parts)).generate_state(1)[0]))
+
+
+def cut_at_end(tokens, end_ids) -> list:
+    """A generated row up to and including its first end token (generate pads ended rows with an end token)."""
+    for j, t in enumerate(tokens):
+        if t in end_ids:
+            return tokens[:j + 1]
+    return tokens
+
+
+@torch.no_grad()
+def generate_replies(model: M.GLM4V, prompts, n: int, max_new_tokens: int, think_budget: int, force_answer_ids, *,
+                     temperature: float = 1.0, top_p: float = 1.0, generator=None, batch_rows: int = None) -> list:
+    """n replies to each rendered prompt (render_chat dicts; RL rollouts, grading and evaluation): reply j of prompt i
+    is element i·n + j, a list of token ids cut after its end token. Force answering after `think_budget` tokens
+    (0: never). batch_rows: rows per generate() call (None: all); on CUDA every call is padded to it, so the
+    compiled, CUDA-graphed decode step keeps one shape."""
+    device = model.lm_head.weight.device
+    rows = [p for p in prompts for _ in range(n)]
+    chunk = batch_rows or len(rows)
+    pad_rows = device.type == "cuda" and batch_rows is not None
+    end_ids, out = set(model.cfg.eos_token_ids), []
+    for start in range(0, len(rows), chunk):
+        part = rows[start:start + chunk]
+        count = len(part)
+        if pad_rows:
+            part = part + [part[0]] * (chunk - count)
+        batch = data.collate(part, model.cfg)
+        tokens = generate(model, batch["input_ids"], max_new_tokens, temperature, top_p,
+                          **{k: batch[k] for k in data.VISION_KEYS}, attention_mask=batch["attention_mask"],
+                          generator=generator, think_budget=think_budget or None,
+                          force_answer_ids=force_answer_ids if think_budget else None)
+        out += [cut_at_end(row, end_ids) for row in tokens[:count].tolist()]
+    return out
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The command line: chat with a checkpoint
 # ---------------------------------------------------------------------------------------------------------------
-
-EOS_STRINGS = ("<|endoftext|>", "<|user|>", "<|observation|>")
-
 
 def load(checkpoint: str, device="cpu", dtype=None):
     """(model, tokenizer) from a checkpoint directory: config.json, model.safetensors (or shards), tokenizer.json."""
@@ -271,9 +306,10 @@ class ReplyPrinter:
         self.tokenizer, self.out = tokenizer, out
         color = out.isatty() if color is None else color
         dim, bold, reset = ("\x1b[2m", "\x1b[1m", "\x1b[0m") if color else ("", "**", "**")
-        self.styles = {"<think>": "Thinking:\n" + dim, "</think>": (reset if color else "") + "\n\nAnswer:\n",
-                       "<answer>": "", "</answer>": "", "<|begin_of_box|>": bold, "<|end_of_box|>": reset,
-                       **{s: "" for s in EOS_STRINGS}}
+        self.styles = {data.THINK_OPEN: "Thinking:\n" + dim,
+                       data.THINK_CLOSE: (reset if color else "") + "\n\nAnswer:\n",
+                       data.ANSWER_OPEN: "", data.ANSWER_CLOSE: "", data.BOX_OPEN: bold, data.BOX_CLOSE: reset,
+                       **{s: "" for s in M.END_OF_TURN}}
         self.reset = reset if color else ""
         self.pending, self.text = [], ""
 
@@ -300,17 +336,19 @@ class ReplyPrinter:
 
 
 def boxed_answer(reply: str):
-    """The text inside the last <|begin_of_box|>…<|end_of_box|> of a reply, or None."""
-    start = reply.rfind("<|begin_of_box|>")
-    end = reply.find("<|end_of_box|>", start)
-    return reply[start + len("<|begin_of_box|>"):end].strip() if start >= 0 and end >= 0 else None
+    """The boxed final answer of a well-formed reply (data.parse_reply), or None. A --no-think reply starts at
+    <answer>: its empty think block was prefilled in the prompt."""
+    if not reply.lstrip().startswith(data.THINK_OPEN):
+        reply = data.THINK_OPEN + data.THINK_CLOSE + reply
+    box = data.parse_reply(reply)[0]
+    return None if box is None else box.strip()
 
 
 def chat_history_reply(reply: str) -> str:
     """What a reply contributes to the next turn's prompt: its answer without the reasoning or end token."""
-    for s in EOS_STRINGS:
+    for s in M.END_OF_TURN:
         reply = reply.replace(s, "")
-    return reply.split("</think>", 1)[1].lstrip() if "</think>" in reply else reply
+    return reply.split(data.THINK_CLOSE, 1)[1].lstrip() if data.THINK_CLOSE in reply else reply
 
 
 class Chat:
@@ -338,7 +376,7 @@ class Chat:
         vision = {k: None if inputs[k] is None else inputs[k].to(device)
                   for k in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")}
         budget = None if self.args.no_think else self.args.think_budget
-        force = self.tokenizer.encode("</think><answer>") if budget is not None else None
+        force = self.tokenizer.force_answer_ids if budget is not None else None
         stream = generate_stream(self.model, inputs["input_ids"][None].to(device), self.args.max_new_tokens,
                                  self.args.temperature, self.args.top_p, **vision, generator=self.generator,
                                  think_budget=budget, force_answer_ids=force, compile=self.args.compile,
@@ -459,114 +497,6 @@ def main(argv=None, stdin=sys.stdin, out=sys.stdout):
             chat.ask(args.prompt, args.image, args.video)
     except (FileNotFoundError, ValueError, ImportError) as e:
         sys.exit(f"error: {e}")
-
-
-# --- benchmarks (called by bench.py) ---
-
-HBM_BYTES_PER_S = {"H100": 3.35e12, "H200": 4.8e12, "A100": 2.0e12}  # datasheet bandwidth, for the roofline
-
-
-def _bench_models(cfg: M.Config, device, dtype):
-    """Our model with fresh weights, and the `transformers` reference holding the same weights (test-only dep)."""
-    import transformers
-
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)  # build in the target dtype: no full-precision copy of a 9B model
-    try:
-        with torch.device(device):
-            ours = M.GLM4V(cfg).init_weights().eval()
-            ref = transformers.Glm4vForConditionalGeneration(transformers.Glm4vConfig(**cfg.to_hf())).eval()
-    finally:
-        torch.set_default_dtype(default)
-    ref.load_state_dict(ours.state_dict())
-    return ours, ref
-
-
-def _timed(fn):
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    fn()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
-
-
-def _decode_rates(ours, ref, batch, prompt_len, new_tokens, repeats, compile):
-    """Decode tokens/s (all rows) of ours and of the reference generate(): the time for `new_tokens` minus the
-    time for 1 (the prefill), best of `repeats`, the two interleaved so that both see the same machine load."""
-    device = ours.lm_head.weight.device
-    ids = torch.randint(0, min(ours.cfg.vocab_size, 256), (batch, prompt_len), device=device,
-                        generator=torch.Generator(device).manual_seed(0))
-    mask = torch.ones_like(ids)
-    runs = {"ours": lambda n: generate(ours, ids, n, compile=compile),
-            "ref": lambda n: ref.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, do_sample=False)}
-    with torch.no_grad():
-        for name, fn in runs.items():  # warm up (and compile)
-            assert fn(new_tokens).shape[1] >= new_tokens, name
-        best = {name: [float("inf"), float("inf")] for name in runs}
-        for _ in range(repeats):
-            for name, fn in runs.items():
-                for i, n in enumerate((1, new_tokens)):
-                    best[name][i] = min(best[name][i], _timed(lambda: fn(n)))
-    return {name: batch * (new_tokens - 1) / (t[1] - t[0]) for name, t in best.items()}
-
-
-def bench_sample(device="cpu"):
-    """Decode throughput of `generate` vs the reference `generate()` on the same weights, in one run. CPU: the
-    tiny preset's width (hidden 256, 4 layers), eager and compiled. CUDA: compiled + CUDA graphs, the tiny width,
-    the released 9B at batch 1 (with its HBM roofline: every decode step reads all decoder weights) and a batch-64
-    rollout, bf16."""
-    device = torch.device(device)
-    tiny = dataclasses.replace(M.PRESETS["tiny"], eos_token_ids=())  # never stop early: equal work every run
-    big = dataclasses.replace(M.PRESETS["9b"], eos_token_ids=())
-    # (name, config, dtype, batch, prompt tokens, new tokens, repeats, compile)
-    if device.type == "cuda":
-        cases = [("decode, tiny width, batch 1", tiny, torch.float32, 1, 32, 128, 3, True),
-                 ("decode, 9B, bf16, batch 1", big, torch.bfloat16, 1, 128, 256, 3, True),
-                 ("rollout, 9B, bf16, batch 64", big, torch.bfloat16, 64, 256, 256, 2, True)]
-    else:
-        cases = [("decode, tiny width (hidden 256, 4 layers), batch 1", tiny, torch.float32, 1, 32, 128, 5, False),
-                 ("decode, tiny width, batch 1, torch.compile", tiny, torch.float32, 1, 32, 128, 5, True),
-                 ("decode, tiny width, batch 8", tiny, torch.float32, 8, 32, 128, 3, False)]
-    rows, models = [], {}
-    threads = torch.get_num_threads()
-    if device.type == "cpu":  # thousands of tiny ops: one thread is faster for both, and steadier on a busy machine
-        torch.set_num_threads(1)
-    try:
-        for case in cases:
-            rows.append(_bench_case(device, models, *case))
-    finally:
-        torch.set_num_threads(threads)
-    return rows
-
-
-def _bench_case(device, models, name, cfg, dtype, batch, prompt_len, new_tokens, repeats, compile):
-    """One bench row; `models` keeps the last (ours, reference) pair for cases that share it."""
-    key = (cfg.hidden_size, cfg.num_hidden_layers, dtype)
-    if key not in models:
-        models.clear()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-        torch.manual_seed(0)
-        models[key] = _bench_models(cfg, device, dtype)
-    ours, ref = models[key]
-    rates = _decode_rates(ours, ref, batch, prompt_len, new_tokens, repeats, compile)
-    row = dict(name=name, ours=round(rates["ours"], 1), peer=round(rates["ref"], 1),
-               ratio=round(rates["ours"] / rates["ref"], 2), units="decode tokens/s",
-               peer_name="transformers generate()", device=str(device), batch=batch, prompt=prompt_len,
-               new_tokens=new_tokens, compile=compile, threads=torch.get_num_threads())
-    if device.type == "cuda" and batch == 1:
-        # the bytes a decode step must read: decoder weights except the embedding table (one row is read)
-        weights = sum(p.numel() * p.element_size() for n, p in ours.named_parameters()
-                      if n.startswith(("model.language_model.layers", "model.language_model.norm", "lm_head")))
-        gpu = torch.cuda.get_device_name(device)
-        bandwidth = next((b for key, b in HBM_BYTES_PER_S.items() if key in gpu), None)
-        row.update(gpu=gpu, weight_gb=round(weights / 1e9, 2))
-        if bandwidth:
-            row.update(roofline=round(bandwidth / weights, 1),
-                       roofline_fraction=round(rates["ours"] * weights / bandwidth, 2))
-    return row
 
 
 if __name__ == "__main__":

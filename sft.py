@@ -15,4 +15,4 @@ Everything else — the loop, FSDP2, checkpoints, resuming, the Hugging Face exp
 import pretrain
 
 if __name__ == "__main__":
-    pretrain.main(stage_defaults={"stage": "sft", "out": "runs/sft"}, description=__doc__)
+    pretrain.main(stage_defaults={"stage": "sft"}, description=__doc__)

@@ -1,6 +1,7 @@
 import os
 import sys
 
+import pytest
 import torch
 
 # Tests import the flat project files (model.py, data.py, ...) from the repository root.
@@ -9,3 +10,116 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # Without a GPU the Triton kernels run in Triton's interpreter, which must be on before anything imports triton.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny matmuls gain nothing from threads, which only spin against whatever else shares the CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def tok():
+    """The tiny preset's byte-level tokenizer."""
+    import data
+
+    return data.tiny_tokenizer()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The micro policy and the runs that several test files share (rlcs.py's and evaluate.py's tests)
+# ---------------------------------------------------------------------------------------------------------------
+
+def _micro_config():
+    import dataclasses
+
+    import model as M
+
+    # a smaller tiny: ~0.6M parameters, so that SFT + RL fit in a test on a shared CPU
+    return dataclasses.replace(M.PRESETS["tiny"], hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                               num_attention_heads=2, num_key_value_heads=1, vision_depth=1, vision_hidden_size=64,
+                               vision_num_heads=1, vision_intermediate_size=128, out_hidden_size=128)
+
+
+MICRO = _micro_config()
+
+
+def micro_checkpoint(path, seed=0):
+    import data
+    import model as M
+
+    torch.manual_seed(seed)
+    M.GLM4V(MICRO).init_weights().save_pretrained(path)
+    data.tiny_tokenizer().save(path)
+    return str(path)
+
+
+def metrics(out):
+    import json
+
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def rl_config(out, init_from, *flags):
+    import rlcs
+
+    base = ["--init-from", str(init_from), "--out", str(out), "--tasks", "choice", "--levels", "2", "--pool-size",
+            "64", "--groups-per-step", "4", "--group-size", "4", "--max-new-tokens", "40", "--think-budget", "32",
+            "--save-every", "0"]
+    return rlcs.config_from_args(rlcs.build_parser().parse_args([*base, *flags]))
+
+
+@pytest.fixture(scope="session")
+def sft_checkpoint(tmp_path_factory):
+    """A short SFT run from scratch on one easy domain (multiple choice, level 2: "What shape is this? A. … B. …").
+    80 steps teach the reply format well enough that greedy replies are well formed, while at temperature 1 most
+    are not — the room RL has to improve the mean reward of its own samples."""
+    import pretrain
+    import world
+
+    root = tmp_path_factory.mktemp("sft")
+    jsonl = world.export_world(root / "world", tasks=("choice",), n=256, kind="sft", split="train", level=2)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        args = pretrain.build_parser(pretrain.TrainConfig, "sft").parse_args([
+            "--stage", "sft", "--init-from", micro_checkpoint(root / "init"), "--data", jsonl, "--seq-len", "192",
+            "--global-batch", "8", "--max-steps", "80", "--lr", "3e-3", "--no-think-share", "0",
+            "--out", str(root / "sft")])
+        pretrain.train(pretrain.config_from_args(args))
+    finally:
+        torch.set_num_threads(threads)
+    return str(root / "sft")
+
+
+RL_RUN_FLAGS = ["--tasks", "choice", "--levels", "1,2", "--pool-size", "4", "--max-new-tokens", "40",
+                "--think-budget", "32"]
+
+
+@pytest.fixture(scope="session")
+def rl_run(sft_checkpoint, tmp_path_factory):
+    """The RL commands of the README at smoke size: --grade the SFT checkpoint's pool, then 3 iterations from it
+    with that grade file and --eval-every 3. Returns (grade file, run directory, what --grade printed)."""
+    import contextlib
+    import io
+
+    import rlcs
+
+    root = tmp_path_factory.mktemp("rl")
+    grades, out, printed = root / "difficulty.jsonl", root / "run", io.StringIO()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with contextlib.redirect_stdout(printed):
+            rlcs.main(["--grade", "--init-from", sft_checkpoint, "--difficulty", str(grades), "--grade-k", "4",
+                       *RL_RUN_FLAGS])
+        rlcs.main(["--init-from", sft_checkpoint, "--difficulty", str(grades), "--out", str(out),
+                   "--groups-per-step", "4", "--group-size", "4", "--max-steps", "3", "--eval-every", "3",
+                   "--eval-n", "2", "--curriculum", "uniform", *RL_RUN_FLAGS])
+    finally:
+        torch.set_num_threads(threads)
+    return grades, out, printed.getvalue()

@@ -1,13 +1,12 @@
 """data.py: processor parity with `transformers`, video layout, tokenizer, chat format and loss masks, datasets,
 packing (boundaries, positions, no cross-sample attention, determinism across processes, resume), the quality
-pipeline, and the synthetic world (answers follow their verifier rule, images show the answer, splits disjoint)."""
+pipeline (tests/test_world.py has the synthetic world)."""
 import io
 import json
 import os
 import re
 import subprocess
 import sys
-from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -15,13 +14,10 @@ import torch
 from PIL import Image
 
 import data as D
+import model as M
+import world as W
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return D.tiny_tokenizer()
 
 
 def rand_image(w, h, mode="RGB", seed=0):
@@ -237,13 +233,17 @@ def test_mp4_with_pyav(tmp_path):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def test_tiny_tokenizer_ids_follow_the_contract(tok, tmp_path):
+def test_tiny_tokenizer_ids_are_the_tiny_presets(tok, tmp_path):
     assert tok.vocab_size == 320
-    for i, s in enumerate(D.TINY_SPECIAL_TOKENS):
+    for i, s in enumerate(M.TINY_SPECIAL_TOKENS):
         assert tok.token_to_id(s) == 256 + i
-    assert (tok.image_token_id, tok.video_token_id, tok.image_start_id, tok.image_end_id, tok.video_start_id,
-            tok.video_end_id, tok.eos_token_ids, tok.pad_token_id) == (270, 271, 266, 267, 268, 269, (256, 263, 265),
-                                                                       256)
+    assert (tok.image_token_id, tok.video_token_id, tok.image_start_token_id, tok.image_end_token_id,
+            tok.video_start_token_id, tok.video_end_token_id, tok.eos_token_ids, tok.pad_token_id) == (
+        270, 271, 266, 267, 268, 269, (256, 263, 265), 256)
+    cfg = M.PRESETS["tiny"]  # the model's config names the same ids
+    assert all(getattr(tok, name) == getattr(cfg, name) for name in (*D.TOKEN_ID_FIELDS, "eos_token_ids",
+                                                                      "pad_token_id"))
+    assert tok.force_answer_ids == tok.encode(D.FORCE_ANSWER) == [273, 274]
     text = "héllo ✓ 42\n\t<think>x</think>"
     ids = tok.encode(text)
     assert ids[:3] == [104, 195, 169] and ids[-3:] == [272, 120, 273]  # raw UTF-8 bytes, specials as one id
@@ -420,18 +420,6 @@ def test_corrupt_image_at_render_time_names_file_and_line(tmp_path, tok):
         src.length(0, tok)
 
 
-def test_export_round_trip_equals_the_synthetic_source(tmp_path, tok):
-    path = D.main(["export", str(tmp_path), "--n", "1"])
-    src = D.JsonlSource(path)
-    synth = D.SyntheticSource("sft")
-    assert src.size == len(D.TASKS)
-    for i in range(len(D.TASKS)):  # same tokens and pixels whether read back from files or generated
-        a, b = src.encode(i, tok), synth.encode(i, tok)
-        assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["loss_mask"], b["loss_mask"])
-        for key in ("pixel_values", "pixel_values_videos"):
-            assert (a[key] is None and b[key] is None) or torch.equal(a[key], b[key])
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Packing
 # ---------------------------------------------------------------------------------------------------------------
@@ -455,7 +443,7 @@ class ListSource:
 
 def test_pack_boundaries_positions_labels_and_vision(tok):
     import rope2d
-    src = D.SyntheticSource("sft")
+    src = W.SyntheticSource("sft")
     loader = D.PackedLoader(src, tok, seq_len=700, packs_per_step=2)
     packs = loader.batch(0) + loader.batch(1)
     assert [p["samples"][0] for p in packs[1:]] == [p["samples"][-1] + 1 for p in packs[:-1]]  # stream order
@@ -488,21 +476,12 @@ def test_pack_boundaries_positions_labels_and_vision(tok):
             assert pack["pixel_values_videos"] is None and pack["video_grid_thw"] is None
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny matmuls gain nothing from threads, which only spin against whatever else shares the CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_no_attention_across_packed_samples(tok, one_thread):
     """The tiny model gives every sample the same logits inside the pack as alone."""
     import model as M
     torch.manual_seed(0)
     net = M.GLM4V(M.PRESETS["tiny"]).eval()
-    loader = D.PackedLoader(D.SyntheticSource("sft", tasks=("counting", "video_grounding", "ocr")), tok, seq_len=400)
+    loader = D.PackedLoader(W.SyntheticSource("sft", tasks=("counting", "video_grounding", "ocr")), tok, seq_len=400)
     pack = loader.batch(0)[0]
     assert len(pack["samples"]) >= 2 and pack["pixel_values_videos"] is not None
     with torch.no_grad():
@@ -533,7 +512,7 @@ def test_packing_skips_overlong_samples_and_shuffles_finite_sources(tok):
 
 
 def test_world_sizes_see_the_same_global_batches_and_resume(tok):
-    src = D.SyntheticSource("caption")
+    src = W.SyntheticSource("caption")
     one = D.PackedLoader(src, tok, seq_len=300, packs_per_step=4)
     ranks = [D.PackedLoader(src, tok, seq_len=300, packs_per_step=4, rank=r, world=2) for r in range(2)]
     for g in (0, 2, 1):  # random access in any order
@@ -559,7 +538,7 @@ def test_world_sizes_see_the_same_global_batches_and_resume(tok):
 
 
 def test_worker_processes_give_the_same_batches(tok):
-    src = D.SyntheticSource("sft", tasks=("math", "chart"))
+    src = W.SyntheticSource("sft", tasks=("math", "chart"))
     plain = D.PackedLoader(src, tok, seq_len=400)
     workers = D.PackedLoader(src, tok, seq_len=400, num_workers=2)
     stream = iter(workers)
@@ -575,8 +554,9 @@ PROCESS_SCRIPT = """
 import hashlib, json, sys
 sys.path.insert(0, {root!r})
 import data as D
+import world as W
 tok = D.tiny_tokenizer()
-loader = D.PackedLoader(D.SyntheticSource("sft", no_think_share=0.3), tok, seq_len=500, packs_per_step=2,
+loader = D.PackedLoader(W.SyntheticSource("sft", no_think_share=0.3), tok, seq_len=500, packs_per_step=2,
                         rank={rank}, world=2)
 out = []
 for g in range(2):
@@ -597,7 +577,7 @@ def test_processes_agree_with_one_process(tok):
              for r in range(2)]
     outs = [json.loads(p.communicate(timeout=120)[0]) for p in procs]
     import hashlib
-    loader = D.PackedLoader(D.SyntheticSource("sft", no_think_share=0.3), tok, seq_len=500, packs_per_step=2)
+    loader = D.PackedLoader(W.SyntheticSource("sft", no_think_share=0.3), tok, seq_len=500, packs_per_step=2)
     expected = []
     for g in range(2):
         for pack in loader.batch(g):
@@ -713,247 +693,3 @@ def test_phash_near_duplicate_index():
     index = D.NearDuplicateIndex(4)
     index.add(a)
     assert index.find(b) == a and index.find(c) is None
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The synthetic world
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def follows_contract(task, answer):
-    """The ground-truth format of CONTRACT.md."""
-    if task == "math":
-        return re.fullmatch(r"-?\d+(/\d+|\.\d+)?", answer) is not None
-    if task == "ocr":
-        return bool(answer.strip()) and answer == answer.strip()
-    if task == "counting":
-        return re.fullmatch(r"\d+", answer) is not None
-    if task == "chart":
-        return re.fullmatch(r"-?\d+(\.\d+)?", answer) is not None
-    if task == "grounding":
-        boxes = json.loads(answer)
-        boxes = boxes if isinstance(boxes[0], list) else [boxes]
-        return all(len(b) == 4 and all(isinstance(v, int) and 0 <= v <= 1000 for v in b) and b[0] < b[2] and
-                   b[1] < b[3] for b in boxes)
-    if task == "gui":
-        action = json.loads(answer)
-        if action["action"] == "click":
-            return set(action) == {"action", "box"} and follows_contract("grounding", json.dumps(action["box"]))
-        return action["action"] == "type" and set(action) == {"action", "text"} and bool(action["text"])
-    if task == "video_grounding":
-        m = re.fullmatch(r"\[(\d+\.\d), (\d+\.\d)\]", answer)
-        return m is not None and float(m[1]) < float(m[2])
-    if task == "choice":
-        return re.fullmatch(r"[A-D]", answer) is not None
-    raise AssertionError(task)
-
-
-def boxed(reply):
-    m = re.fullmatch(r"<think>.*</think><answer><\|begin_of_box\|>(.*)<\|end_of_box\|></answer>", reply, re.S)
-    return m and m[1]
-
-
-def iou(a, b):
-    inter = max(0, min(a[2], b[2]) - max(a[0], b[0])) * max(0, min(a[3], b[3]) - max(a[1], b[1]))
-    return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
-
-
-def verifier_rule(task, reply, answer):
-    """Each domain's rule (paper Table 1), applied to the reply's box: 1.0 when right."""
-    got = boxed(reply)
-    if got is None:
-        return 0.0
-    if task == "math":
-        return float(Fraction(got) == Fraction(answer))
-    if task == "chart":
-        g, a = float(got), float(answer)
-        return float(g == a if 1000 <= a <= 3000 and a == int(a) else abs(g - a) <= 2.5e-2 * abs(a))
-    if task in ("ocr", "counting", "choice"):
-        return float(got == answer)
-    if task == "grounding":
-        g, a = json.loads(got), json.loads(answer)
-        g, a = (g if isinstance(g[0], list) else [g]), (a if isinstance(a[0], list) else [a])
-        return float(len(g) == len(a) and all(iou(x, y) > 0.5 for x, y in zip(g, a)))
-    if task == "gui":
-        g, a = json.loads(got), json.loads(answer)
-        return float(g["action"] == a["action"] and (iou(g["box"], a["box"]) > 0.5 if "box" in a else
-                                                     g["text"] == a["text"]))
-    if task == "video_grounding":
-        (g0, g1), (a0, a1) = json.loads(got), json.loads(answer)
-        return (min(g1, a1) - max(g0, a0)) / (max(g1, a1) - min(g0, a0))
-    raise AssertionError(task)
-
-
-def pixel_box(box1000, size):
-    """0–1000 box -> inclusive pixel box."""
-    w, h = size
-    return (round(box1000[0] * w / 1000), round(box1000[1] * h / 1000), round(box1000[2] * w / 1000) - 1,
-            round(box1000[3] * h / 1000) - 1)
-
-
-def colour_mask(image, rgb):
-    return (np.asarray(image) == np.array(rgb, dtype=np.uint8)).all(-1)
-
-
-def bbox(mask):
-    ys, xs = np.nonzero(mask)
-    return (xs.min(), ys.min(), xs.max(), ys.max())
-
-
-def check_image_shows_answer(item):
-    """Domain by domain: what was drawn (read back from the pixels) determines the stored answer."""
-    f = item.facts
-    if item.task in ("counting", "grounding", "choice"):
-        image = np.asarray(item.image)
-        for (kind, colour), box in zip(f["objects"], f["boxes"]):  # every object is drawn where the facts say
-            x0, y0, x1, y1 = box
-            region = colour_mask(item.image, D.COLORS[colour])[y0:y1 + 1, x0:x1 + 1]
-            assert region.any() and bbox(region) == (0, 0, x1 - x0, y1 - y0), (item.key, kind, colour)
-        assert image.shape[:2] == (item.size[1], item.size[0])
-    if item.task == "counting":
-        kind, colour = f["target"]
-        n = sum(k == kind and (colour is None or c == colour) for k, c in f["objects"])
-        assert item.answer == str(n)
-    elif item.task == "grounding":
-        boxes = json.loads(item.answer)
-        boxes = boxes if isinstance(boxes[0], list) else [boxes]
-        kind, colour = f["target"]
-        mask = colour_mask(item.image, D.COLORS[colour])
-        for box in boxes:  # the answer's box, back in pixels, is the tight box of a target-coloured shape
-            x0, y0, x1, y1 = pixel_box(box, item.size)
-            assert abs(np.array(bbox(mask[y0 - 1:y1 + 2, x0 - 1:x1 + 2])) - np.array(
-                (1, 1, x1 - x0 + 1, y1 - y0 + 1))).max() <= 1
-        targets = [b for (k, c), b in zip(f["objects"], f["boxes"]) if (k, c) == (kind, colour)]
-        assert len(targets) == len(boxes)
-    elif item.task == "choice":
-        options = dict(re.findall(r"\n([A-D])\. (\w+)", item.question))
-        assert options[item.answer] == f["correct"] and list(options.values()).count(f["correct"]) == 1
-    elif item.task == "gui":
-        action = json.loads(item.answer)
-        if action["action"] == "click":
-            x0, y0, x1, y1 = pixel_box(action["box"], item.size)
-            image = np.asarray(item.image)
-            outline = np.array((120, 120, 120), dtype=np.uint8)
-            assert (image[y0, x0:x1 + 1] == outline).all() and (image[y1, x0:x1 + 1] == outline).all()
-            assert (image[y0:y1 + 1, x0] == outline).all() and (image[y0:y1 + 1, x1] == outline).all()
-            label = f["labels"][f["target"]]
-            assert f"Click the {label} button." == item.question or f["note"] == f"Click {label}"
-        else:
-            assert f["note"] == f"Type: {action['text']}"
-    elif item.task == "video_grounding":
-        start, end = json.loads(item.answer)
-        kind, colour = f["target"]
-        seen = [f_ for f_, frame in enumerate(item.frames) if colour_mask(frame, D.COLORS[colour]).any()]
-        others = [c for _, c, *_ in f["distractors"]]
-        if colour not in others:
-            assert seen == list(range(round(start * item.fps), round(end * item.fps)))
-        assert f["visible"] == list(range(round(start * item.fps), round(end * item.fps)))
-    elif item.task == "chart":
-        heights = []
-        for x0, y0, x1, y1 in f["bars"]:
-            column = colour_mask(item.image, f["color"])[:, (x0 + x1) // 2]
-            heights.append(column.sum())
-        values = [float(v) for v in f["values"]]
-        for h, v in zip(heights, values):  # bar heights are proportional to the printed values
-            assert abs(h - v / max(values) * heights[values.index(max(values))]) <= 1.5
-        q, lab = item.question, f["labels"]
-        val = dict(zip(lab, map(Fraction, f["values"])))
-        if q.startswith("What is the value of bar"):
-            expect = val[q.split()[-1][:-1]]
-        elif " plus " in q or " minus " in q:
-            a, op, b = q[len("What is "):-1].split()
-            expect = val[a] + val[b] if op == "plus" else val[a] - val[b]
-        elif q == "What is the largest value?":
-            expect = max(val.values())
-        elif q == "What is the total of all values?":
-            expect = sum(val.values())
-        else:
-            expect = Fraction(max(val, key=val.get))
-        assert Fraction(item.answer) == expect
-    elif item.task == "math":  # exact arithmetic on the expression gives the answer
-        expr = f["expression"]
-        assert re.fullmatch(r"[\d+\-*/().]+", expr)
-        exact = eval(re.sub(r"\d+(\.\d+)?", lambda m: f"Fraction('{m[0]}')", expr), {"Fraction": Fraction})
-        assert Fraction(item.answer) == exact
-    if item.task in ("math", "ocr"):  # the text is drawn whole inside the canvas
-        pixels = np.asarray(item.image)
-        ink = (pixels != pixels[0, 0]).any(-1)
-        assert ink.sum() > 20
-        if item.level < 5:  # (level 5 sprinkles noise specks everywhere)
-            x0, y0, x1, y1 = bbox(ink)
-            assert x0 >= 1 and y0 >= 1 and x1 <= item.size[0] - 2 and y1 <= item.size[1] - 2
-
-
-def test_every_domain_and_level_is_valid_and_shows_its_answer():
-    try:
-        import rewards
-    except ImportError:
-        rewards = None
-    for task in D.TASKS:
-        for level in D.LEVELS:
-            for index in range(3):
-                item = D.make_item(task, index, level=level)
-                assert (item.task, item.level) == (task, level)
-                assert follows_contract(task, item.answer), (task, level, item.answer)
-                assert verifier_rule(task, item.reply(), item.answer) == 1.0
-                assert verifier_rule(task, item.reply(thinking=False), item.answer) == 1.0
-                if rewards is not None:
-                    assert rewards.score(task, item.reply(), item.answer) == 1.0
-                check_image_shows_answer(item)
-                w, h = item.size
-                assert w % 28 == 0 and h % 28 == 0 and 56 <= min(w, h) and max(w, h) <= 224
-                assert len(item.reply().encode()) < 200 and item.caption and item.question
-
-
-def test_items_are_deterministic_and_small():
-    a, b = D.make_item("chart", 12, seed=5), D.make_item("chart", 12, seed=5)
-    assert a.image.tobytes() == b.image.tobytes() and a.answer == b.answer and a.key == b.key
-    assert D.make_item("chart", 12, seed=6).key != a.key
-    lazy = D.make_item("gui", 3, render=False)
-    assert lazy.image is None and lazy.key == D.make_item("gui", 3).key
-    tokens = []
-    for task in D.TASKS:
-        for i in range(10):
-            item = D.make_item(task, i, render=False)
-            if item.num_frames:
-                grid, _ = D.video_layout(item.num_frames, item.size)
-            else:
-                grid = D.image_grid(item.size)
-            tokens.append(int(grid.prod()) // 4)
-    assert np.mean(np.array(tokens) <= 64) >= 0.85 and max(tokens) <= 100
-
-
-def test_train_and_heldout_are_disjoint():
-    for task in D.TASKS:
-        train = {D.make_item(task, i, split="train", render=False).key for i in range(60)}
-        held = [D.make_item(task, i, split="heldout", render=False) for i in range(20)]
-        assert all(D.split_of(item.key) == "heldout" for item in held)  # the split is a function of the content
-        assert not train & {item.key for item in held}
-        assert all(D.split_of(k) == "train" for k in train)
-    with pytest.raises(ValueError, match="unknown task"):
-        D.make_item("poetry", 0)
-    with pytest.raises(ValueError, match="split"):
-        D.make_item("math", 0, split="test")
-
-
-def test_synthetic_source_kinds_and_no_think_share(tok):
-    sft = D.SyntheticSource("sft", no_think_share=0.5)
-    thinking = [sft.sample(i, render=False)["thinking"] for i in range(200)]
-    assert 60 < sum(thinking) < 140
-    for i in range(16):
-        assert sft.length(i, tok) == len(sft.encode(i, tok)["input_ids"])
-    cap = D.SyntheticSource("caption")
-    assert set(cap.sample(6)) == {"video", "text"} and set(cap.sample(0)) == {"image", "text"}
-    for i in range(8):
-        assert cap.length(i, tok) == len(cap.encode(i, tok)["input_ids"])
-    prompt = sft.item(0).prompt(tok)
-    assert prompt["text"].endswith("<|assistant|>\n") and not prompt["loss_mask"].any()
-
-
-def test_show_cli_writes_a_contact_sheet(tmp_path):
-    out = tmp_path / "grid.png"
-    D.main(["show", "--domain", "grounding", "--n", "8", "--out", str(out)])
-    sheet = Image.open(out)
-    assert sheet.size == (4 * 240, 2 * (240 + 100))
-    magenta = colour_mask(sheet.convert("RGB"), (255, 0, 255))
-    assert magenta.sum() > 100  # the answer boxes are outlined

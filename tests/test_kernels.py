@@ -275,18 +275,3 @@ def test_bf16_kernels_on_gpu():
     ref = kernels.mrope_torch(q, k, positions, 64, (8, 12, 12))
     for a, b in zip(out, ref):
         assert (a == b).float().mean() > 0.99  # same roundings as the eager bf16 reference
-
-
-@pytest.mark.skipif(DEVICE == "cuda", reason="with a GPU, bench.py runs the real benchmark")
-def test_bench_kernels_cpu_sanity_run():
-    """The benchmark code itself runs (tiny shapes through the interpreter) and reports every row the issue asks for."""
-    assert kernels.bench_kernels("cpu") == []  # nothing to measure without a GPU, and no crash
-    rows = kernels.bench_kernels_sanity("cpu")
-    names = " | ".join(row["name"] for row in rows)
-    for wanted in ("attention causal GQA fwd", "attention causal GQA bwd", "vs per-image loop", "vs dense block mask",
-                   "M-RoPE q+k fwd+bwd", "RMSNorm fwd ", "RMSNorm fwd+bwd"):
-        assert wanted in names, names
-    for row in rows:
-        assert {"name", "ours", "peer", "ratio", "units"} <= set(row)
-        assert row["ours_ms"] > 0 and row["peer_ms"] > 0
-        assert row["speedup"] == pytest.approx(row["peer_ms"] / row["ours_ms"])

@@ -17,6 +17,8 @@ SMOKE = {
     "sft.py": ["--max-steps", "2", "--seq-len", "256", "--global-batch", "2"],
     "rlcs.py": ["--max-steps", "2", "--pool-size", "2", "--levels", "1", "--grade-k", "2", "--group-size", "2",
                 "--groups-per-step", "2", "--max-new-tokens", "24", "--eval-n", "1", "--eval-every", "1"],
+    "evaluate.py": ["--n", "1", "--levels", "1", "--max-new-tokens", "24"],
+    "world.py": ["--n", "2"],
 }
 
 

@@ -16,6 +16,7 @@ from fractions import Fraction
 
 import pytest
 
+import data
 import rewards
 
 
@@ -75,7 +76,7 @@ def test_extracts_box_of_well_formed_reply():
 ])
 def test_malformed_replies_score_zero(response):
     assert rewards.extract_answer(response) is None
-    assert rewards.check_format(response)[1]  # says why
+    assert data.parse_reply(response)[1]  # says why
     assert rewards.score("math", response, "42") == 0.0
 
 
@@ -520,7 +521,7 @@ def test_injected_code_never_runs(tmp_path, monkeypatch):
     sentinel = tmp_path / "pwned"
     for payload in INJECTIONS:
         text = payload.replace("{sentinel}", str(sentinel))
-        for task in rewards.TASKS:
+        for task in rewards.VERIFIERS:
             for truth in ("1", text):
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", UserWarning)  # unreadable truths warn; fine here
@@ -584,7 +585,7 @@ def test_fuzzed_replies_never_raise_and_stay_in_unit_interval():
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="rewards: unreadable")  # garbage truths warn by design
         for i in range(10000):
-            task = rng.choice(rewards.TASKS)
+            task = rng.choice(list(TRUTHS))
             truth = rng.choice(TRUTHS[task]) if rng.random() < 0.85 else rng.choice(GARBAGE_TRUTHS)
             if rng.random() < 0.7:  # mostly well-formed replies, so that the verifiers themselves get fuzzed
                 response = reply(_fuzz_box(rng), think=_fuzz_box(rng) if rng.random() < 0.2 else "t")
@@ -609,7 +610,7 @@ def test_fuzzed_math_answers_read_consistently():
                 assert rewards.score("math", reply(box), box) == 1.0, box
 
 
-# ------------------------------------------------------------------------------------------------ CLI and bench
+# ------------------------------------------------------------------------------------------------ CLI
 
 def test_cli_shows_extraction_parse_and_score(capsys):
     rewards.main(["--task", "math", "--answer", "0.5", reply(r"\frac{1}{2}")])
@@ -627,10 +628,3 @@ def test_cli_runs_as_a_script():
     out = subprocess.run([sys.executable, "rewards.py", "--task", "grounding", "--answer", "[[0,0,100,100],[5,5,9,9]]",
                           reply("[0,0,100,100]")], cwd=root, capture_output=True, text=True, check=True).stdout
     assert "score:     0.5" in out
-
-
-def test_bench_reports_every_task():
-    rows = rewards.bench_rewards(n=64)
-    assert [r["name"] for r in rows] == [f"rewards.score[{t}]" for t in rewards.TASKS]
-    assert all(r["ours"] > 0 and r["units"] == "scores/s" for r in rows)
-    assert rows[0]["peer"] > 0 and rows[0]["ratio"] > 0

@@ -1,5 +1,5 @@
-"""rlcs.py: GRPO's pieces one by one, force answering, the curriculum, resume, torchrun, the commands — and a tiny
-policy that RL visibly improves."""
+"""rlcs.py: GRPO's pieces one by one, force answering, the curriculum, resume, torchrun, offline grading — and a
+tiny policy that RL visibly improves. The micro policy and the shared runs are conftest.py's fixtures."""
 import dataclasses
 import json
 import os
@@ -11,61 +11,18 @@ import pytest
 import torch
 
 import data
+import evaluate
 import model as M
 import pretrain
-import rewards
 import rlcs
 import sample
+import world
+from conftest import MICRO, metrics, rl_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# a smaller tiny: ~0.6M parameters, so that SFT + RL fit in a test on a shared CPU
-MICRO = dataclasses.replace(M.PRESETS["tiny"], hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                            num_attention_heads=2, num_key_value_heads=1, vision_depth=1, vision_hidden_size=64,
-                            vision_num_heads=1, vision_intermediate_size=128, out_hidden_size=128)
 CPU = torch.device("cpu")
 NO_AUTOCAST = torch.autocast("cpu", enabled=False)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # thousands of tiny ops on a shared 2-core machine
-    yield
-    torch.set_num_threads(threads)
-
-
-def micro_checkpoint(path, seed=0):
-    torch.manual_seed(seed)
-    M.GLM4V(MICRO).init_weights().save_pretrained(path)
-    data.tiny_tokenizer().save(path)
-    return str(path)
-
-
-def rl_config(out, init_from, *flags):
-    base = ["--init-from", str(init_from), "--out", str(out), "--tasks", "choice", "--levels", "2", "--pool-size",
-            "64", "--groups-per-step", "4", "--group-size", "4", "--max-new-tokens", "40", "--think-budget", "32",
-            "--save-every", "0"]
-    return rlcs.config_from_args(rlcs.build_parser().parse_args([*base, *flags]))
-
-
-def metrics(out):
-    with open(os.path.join(out, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
-
-
-@pytest.fixture(scope="module")
-def sft_checkpoint(tmp_path_factory):
-    """A short SFT run from scratch on one easy domain (multiple choice, level 2: "What shape is this? A. … B. …").
-    80 steps teach the reply format well enough that greedy replies are well formed, while at temperature 1 most
-    are not — the room RL has to improve the mean reward of its own samples."""
-    root = tmp_path_factory.mktemp("sft")
-    jsonl = data.export_world(root / "world", tasks=("choice",), n=256, kind="sft", split="train", level=2)
-    args = pretrain.build_parser("sft").parse_args([
-        "--stage", "sft", "--init-from", micro_checkpoint(root / "init"), "--data", jsonl, "--seq-len", "192",
-        "--global-batch", "8", "--max-steps", "80", "--lr", "3e-3", "--no-think-share", "0",
-        "--out", str(root / "sft")])
-    pretrain.train(pretrain.config_from_args(args))
-    return str(root / "sft")
+pytestmark = pytest.mark.usefixtures("one_thread")  # thousands of tiny ops on a shared 2-core machine
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -260,23 +217,23 @@ def choice_prompts(tokenizer, n=2, task="choice"):
 
 def test_force_answering_inserts_the_tokens(random_micro):
     model, tok = random_micro
-    force = tok.encode("</think><answer>")
+    force = tok.force_answer_ids
     assert len(force) == 2
     _, prompts = choice_prompts(tok, 4)
-    replies = rlcs.rollout(model, prompts, 4, 16, 5, force, generator=torch.Generator().manual_seed(0))
+    replies = sample.generate_replies(model, prompts, 4, 16, 5, force, generator=torch.Generator().manual_seed(0))
     assert len(replies) == 16
     forced = [r for r in replies if len(r) > 6 and force[0] not in r[:5]]
     assert len(forced) >= 8  # random weights rarely close </think> by themselves
     for r in forced:
         assert r[5:7] == force
-    free = rlcs.rollout(model, prompts, 4, 16, 0, force, generator=torch.Generator().manual_seed(0))
+    free = sample.generate_replies(model, prompts, 4, 16, 0, force, generator=torch.Generator().manual_seed(0))
     assert sum(r[5:7] == force for r in free) < len(forced)  # with budget 0 nothing is forced
 
 
 def test_replies_are_cut_after_their_end_token():
-    assert rlcs.cut_at_end([5, 6, 256, 256, 256], {256, 263}) == [5, 6, 256]
-    assert rlcs.cut_at_end([5, 263, 7], {256, 263}) == [5, 263]
-    assert rlcs.cut_at_end([5, 6], {256}) == [5, 6]
+    assert sample.cut_at_end([5, 6, 256, 256, 256], {256, 263}) == [5, 6, 256]
+    assert sample.cut_at_end([5, 263, 7], {256, 263}) == [5, 263]
+    assert sample.cut_at_end([5, 6], {256}) == [5, 6]
 
 
 def test_training_log_probs_match_the_rollout_policy(random_micro):
@@ -284,12 +241,12 @@ def test_training_log_probs_match_the_rollout_policy(random_micro):
     model, tok = random_micro
     _, prompts = choice_prompts(tok, 3)
     rows = [p for p in prompts for _ in range(3)]
-    batch = rlcs.collate(rows, model.cfg)
+    batch = data.collate(rows, model.cfg)
     tokens, logprobs = sample.generate(model, batch["input_ids"], 12, 1.0, 1.0, batch["pixel_values"],
                                        batch["image_grid_thw"], attention_mask=batch["attention_mask"],
                                        generator=torch.Generator().manual_seed(1), return_logprobs=True)
-    replies = [rlcs.cut_at_end(r, set(model.cfg.eos_token_ids)) for r in tokens.tolist()]
-    update = rlcs.collate(rows, model.cfg, replies)
+    replies = [sample.cut_at_end(r, set(model.cfg.eos_token_ids)) for r in tokens.tolist()]
+    update = data.collate(rows, model.cfg, replies)
     with torch.no_grad():
         recomputed = rlcs.policy_logprobs(model, update, NO_AUTOCAST)
     vision = {MICRO.image_token_id, MICRO.video_token_id, MICRO.image_start_token_id, MICRO.image_end_token_id,
@@ -310,7 +267,7 @@ def test_vision_tokens_in_a_reply_are_text_to_the_update(random_micro):
     model, tok = random_micro
     _, prompts = choice_prompts(tok, 1)
     reply = tok.encode("<think>a<|image|>b<|begin_of_image|></think>")
-    batch = rlcs.collate(prompts, model.cfg, [reply])
+    batch = data.collate(prompts, model.cfg, [reply])
     start = len(prompts[0]["input_ids"])
     assert batch["labels"][0, start:start + len(reply)].tolist() == reply  # trained on what was generated ...
     assert MICRO.image_token_id not in batch["input_ids"][0, start:].tolist()  # ... but never read as an image slot
@@ -325,7 +282,7 @@ def test_micro_batches_give_the_same_step(random_micro, length_norm):
     rows (as over ranks) takes the same optimizer step, with either --length-norm."""
     model, tok = random_micro
     _, prompts = choice_prompts(tok, 2)
-    replies = rlcs.rollout(model, prompts, 3, 10, 0, [], generator=torch.Generator().manual_seed(2))
+    replies = sample.generate_replies(model, prompts, 3, 10, 0, [], generator=torch.Generator().manual_seed(2))
     advantages = rlcs.group_advantages(torch.tensor([[1.0, 0, 0], [0, 1, 1]])).flatten()
     rows = [(prompts[k // 3], replies[k], advantages[k]) for k in range(6)]
     assert {len(r) for r in replies} == {10}
@@ -365,7 +322,7 @@ def test_kl_penalty_k3(random_micro):
 
     model, tok = random_micro
     _, prompts = choice_prompts(tok, 2)
-    replies = rlcs.rollout(model, prompts, 3, 10, 0, [], generator=torch.Generator().manual_seed(2))
+    replies = sample.generate_replies(model, prompts, 3, 10, 0, [], generator=torch.Generator().manual_seed(2))
     advantages = rlcs.group_advantages(torch.tensor([[1.0, 0, 0], [0, 1, 1]])).flatten()
     rows = [(prompts[k // 3], replies[k], advantages[k]) for k in range(6)]
     parts = [(b, a, None) for b, a in rlcs.micro_batches(rows, 0, MICRO, CPU)]
@@ -388,7 +345,7 @@ def test_kl_penalty_k3(random_micro):
 
 def test_lenient_verifier_only_where_asked():
     item = rlcs.PoolItem("counting/1/0", "counting", 1, "3")
-    hedge = [rlcs.data.tiny_tokenizer().encode(
+    hedge = [data.tiny_tokenizer().encode(
         "<think>x</think><answer><|begin_of_box|>2 or 3 or 4<|end_of_box|></answer>")]
     tok = data.tiny_tokenizer()
     assert rlcs.score_replies(tok, [item], hedge, 1) == [0.0]
@@ -397,14 +354,14 @@ def test_lenient_verifier_only_where_asked():
 
 
 def test_jsonl_prompts(tmp_path):
-    path = data.export_world(tmp_path, tasks=("math", "counting"), n=3, kind="sft", split="train")
+    path = world.export_world(tmp_path, tasks=("math", "counting"), n=3, kind="sft", split="train")
     pool = rlcs.jsonl_pool(path)
     assert [p.task for p in pool] == ["math"] * 3 + ["counting"] * 3
     assert [p.level for p in pool] == [1, 2, 3] * 2
-    assert pool[0].answer == data.make_item("math", 0, 0, "train").answer
+    assert pool[0].answer == world.make_item("math", 0, 0, "train").answer
     tok = data.tiny_tokenizer()
     prompt = rlcs.render_prompt(pool[0], tok, 0)
-    expected = data.make_item("math", 0, 0, "train").prompt(tok)
+    expected = world.make_item("math", 0, 0, "train").prompt(tok)
     assert prompt["input_ids"].tolist() == expected["input_ids"].tolist()  # the reply is not part of the prompt
     torch.testing.assert_close(prompt["pixel_values"], expected["pixel_values"])
     assert [p.task for p in rlcs.jsonl_pool(path, ["counting"])] == ["counting"] * 3
@@ -424,10 +381,10 @@ def test_jsonl_prompts(tmp_path):
 
 def sampled_reward(checkpoint, n_prompts=48, group=8):
     """Mean reward of temperature-1 replies to the first training prompts, with fixed sampling noise."""
-    model, tok = rlcs.load_for_inference(checkpoint, CPU)
+    model, tok = evaluate.load_for_inference(checkpoint, CPU)
     pool = rlcs.synthetic_pool(["choice"], n_prompts, 0, levels=(2,))
     prompts = [rlcs.render_prompt(item, tok, 0) for item in pool]
-    replies = rlcs.rollout(model, prompts, group, 40, 32, tok.encode("</think><answer>"),
+    replies = sample.generate_replies(model, prompts, group, 40, 32, tok.force_answer_ids,
                            generator=torch.Generator().manual_seed(5))
     return float(np.mean(rlcs.score_replies(tok, pool, replies, group)))
 
@@ -498,20 +455,9 @@ def test_two_processes(sft_checkpoint, tmp_path):
     start = M.GLM4V.from_pretrained(sft_checkpoint)
     assert any(not torch.equal(a, b) for a, b in zip(trained.parameters(), start.parameters()))
 
-    # --eval split across the two ranks: the same record and replies as one process
-    evaluation = ["rlcs.py", "--eval", str(tmp_path), "--tasks", "choice,counting", "--eval-n", "3",
-                  "--max-new-tokens", "24"]
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
-                             *evaluation], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-4000:]
-    two = (json.load(open(tmp_path / "eval.json")), (tmp_path / "eval_replies.jsonl").read_text())
-    subprocess.run([sys.executable, *evaluation], cwd=ROOT, env=env, check=True, capture_output=True)
-    assert two == (json.load(open(tmp_path / "eval.json")), (tmp_path / "eval_replies.jsonl").read_text())
-    assert len(two[1].splitlines()) == 6
-
 
 SHARDED_UPDATE = """
-import sys, torch, pretrain, rlcs
+import sys, torch, pretrain, rlcs, sample
 rank, world, device = pretrain.setup_distributed()
 torch.set_num_threads(1)
 rc = rlcs.resolve(rlcs.RLConfig(init_from=sys.argv[1], grad_clip=0.0))
@@ -520,7 +466,7 @@ policy = pretrain.build_model(rc, cfg, state, device, world)  # FSDP2-sharded wh
 roller = rlcs.rollout_model(policy, cfg, device, world)  # the full weights, gathered from the shards
 pool = rlcs.synthetic_pool(["choice"], 2, 0, levels=(2,))
 prompts = [rlcs.render_prompt(item, tok, 0) for item in pool]
-replies = rlcs.rollout(roller, prompts, 4, 10, 0, [], generator=torch.Generator().manual_seed(3))
+replies = sample.generate_replies(roller, prompts, 4, 10, 0, [], generator=torch.Generator().manual_seed(3))
 advantages = rlcs.group_advantages(torch.tensor([[1.0, 0, 0, 1], [0, 0, 1, 0]])).flatten()
 rows = [(prompts[k // 4], replies[k], advantages[k]) for k in range(8)]
 mine = rows[rank * 8 // world:(rank + 1) * 8 // world]
@@ -554,21 +500,16 @@ def test_sharded_update_matches_one_process(sft_checkpoint, tmp_path):
     assert not torch.equal(one["weights"]["lm_head.weight"], start["lm_head.weight"])
 
 
-def test_grade_then_train_eval_and_plot(sft_checkpoint, tmp_path, capsys):
-    common = ["--tasks", "choice", "--levels", "1,2", "--pool-size", "4", "--max-new-tokens", "40",
-              "--think-budget", "32"]
-    grades = tmp_path / "difficulty.jsonl"
-    rlcs.main(["--grade", "--init-from", sft_checkpoint, "--difficulty", str(grades), "--grade-k", "4", *common])
+def test_grade_writes_pass_rates_of_every_pool_item(rl_run):
+    grades, _, printed = rl_run
     lines = [json.loads(line) for line in open(grades)]
     assert {line["key"] for line in lines} == {f"choice/{lv}/{i}" for lv in (1, 2) for i in range(4)}
     assert all(0 <= line["pass_rate"] <= line["pass_at_k"] <= 1 and line["samples"] == 4 for line in lines)
-    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert summary["items"] == 8
+    assert json.loads(printed.strip().splitlines()[-1])["items"] == 8
 
-    out = tmp_path / "run"
-    rlcs.main(["--init-from", sft_checkpoint, "--difficulty", str(grades), "--out", str(out), "--groups-per-step",
-               "4", "--group-size", "4", "--max-steps", "3", "--eval-every", "3", "--eval-n", "2",
-               "--curriculum", "uniform", *common])
+
+def test_training_logs_every_metric_and_its_held_out_accuracy(rl_run):
+    grades, out, _ = rl_run
     info = json.load(open(out / "rl_config.json"))
     assert info["difficulty"] == str(grades) and sum(info["tier_sizes"]) == 8
     rows = metrics(out)
@@ -578,53 +519,7 @@ def test_grade_then_train_eval_and_plot(sft_checkpoint, tmp_path, capsys):
                 "pass_rate_very_easy", "forced_answer_rate", "time_rollout", "time_logprobs", "time_update"):
         assert key in rows[0], key
     assert sum(rows[0][f"tier_share_{t.replace(' ', '_')}"] for t in rlcs.TIERS) == pytest.approx(1.0)
-
-    capsys.readouterr()
-    rlcs.main(["--eval", str(out), "--tasks", "choice,counting", "--eval-n", "3", "--max-new-tokens", "40"])
-    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert set(result) >= {"choice", "counting", "mean", "checkpoint"} and result["n_per_domain"] == 3
-    assert 0 <= result["choice"] <= 1 and result["mean"] == pytest.approx((result["choice"] + result["counting"]) / 2)
-    assert json.load(open(out / "eval.json")) == result and result["levels"] == [1, 2, 3, 4, 5]
-    replies = [json.loads(line) for line in open(out / "eval_replies.jsonl")]  # what it answered, item by item
-    assert [(r["task"], r["index"], r["level"]) for r in replies] == [
-        (t, i, i + 1) for t in ("choice", "counting") for i in range(3)]
-    for r in replies:
-        item = data.make_item(r["task"], r["index"], 0, "heldout", r["level"])
-        assert (r["question"], r["answer"]) == (item.question, item.answer) and r["reply"]
-        assert r["score"] == rewards.score(r["task"], r["reply"], item.answer)
-    assert result["choice"] == pytest.approx(sum(r["score"] for r in replies[:3]) / 3)
-    rlcs.main(["--eval", str(out), "--tasks", "choice", "--eval-n", "2", "--max-new-tokens", "40", "--levels", "2",
-               "--eval-temperature", "1"])  # sampled, on level 2 only: its own file, eval.json untouched
-    sampled = json.load(open(out / "eval_levels2_t1.json"))
-    assert sampled["temperature"] == 1.0 and sampled["levels"] == [2] and json.load(open(out / "eval.json")) == result
-    assert rlcs.eval_file([1, 3], 0.0) == "eval_levels1,3.json" and rlcs.eval_file(range(1, 6), 0.7) == "eval_t0.7.json"
-
-    capsys.readouterr()
-    rlcs.main(["--compare", f"{out},{out}", "--out", str(tmp_path / "cmp")])
-    table = capsys.readouterr().out
-    assert "| choice |" in table and "| **mean** |" in table and f"Δ {out.name}" in table
-    assert table.strip().endswith("held-out greedy accuracy (%), 3 items per domain")
-    rlcs.main(["--compare", f"{out},{out}", "--levels", "2", "--eval-temperature", "1", "--out", str(tmp_path / "cmp2")])
-    table = capsys.readouterr().out  # the records of --levels 2 --eval-temperature 1: choice only
-    assert "| choice |" in table and "| counting |" not in table and "T = 1" in table and "levels 2" in table
-    with pytest.raises(SystemExit, match="eval.json not found"):
-        rlcs.main(["--compare", f"{tmp_path / 'nowhere'},{out}", "--out", str(tmp_path / "cmp")])
-    with pytest.raises(SystemExit, match=r"eval_levels1,2.json not found: run `python rlcs.py --eval .* --levels 1,2`"):
-        rlcs.main(["--compare", f"{out},{out}", "--levels", "1,2", "--out", str(tmp_path / "cmp")])
-    (tmp_path / "fewer").mkdir()  # the same run scored on fewer items: not the same questions
-    (tmp_path / "fewer" / "eval.json").write_text(json.dumps({**result, "n_per_domain": 2}))
-    with pytest.raises(SystemExit, match=r"different held-out items \(n_per_domain: 3 in .*, 2 in"):
-        rlcs.main(["--compare", f"{out},{tmp_path / 'fewer'}", "--out", str(tmp_path / "cmp")])
-    for name in ("heldout.png", "reward.png", "heldout_curve.png", "table.md"):
-        assert (tmp_path / "cmp" / name).exists() and (tmp_path / "cmp" / name).stat().st_size < 200_000, name
-
-    rlcs.main(["--plot", str(out)])
-    for name in ("reward.png", "tiers.png", "tier_pass.png"):
-        path = out / name
-        assert path.exists() and path.stat().st_size < 200_000
-        from PIL import Image
-        with Image.open(path) as image:
-            assert image.size == (820, 440)
+    assert 0 <= rows[-1]["eval_mean"] <= 1
 
 
 def test_rollout_budget_stops_the_run(sft_checkpoint, tmp_path):
@@ -641,7 +536,5 @@ def test_clear_errors(tmp_path):
         rlcs.config_from_args(rlcs.build_parser().parse_args(["--lenient-verifier", "chess"]))
     with pytest.raises(ValueError, match="group-size"):
         rlcs.config_from_args(rlcs.build_parser().parse_args(["--group-size", "1"]))
-    with pytest.raises(FileNotFoundError, match="--plot"):
-        rlcs.plot(str(tmp_path))
     rc = rlcs.config_from_args(rlcs.build_parser().parse_args(["--tiny"]))
     assert rc.think_budget == 96 and rc.max_new_tokens == 128 and rc.clip_low == 0.2 and rc.clip_high == 0.28

@@ -17,20 +17,15 @@ transformers = pytest.importorskip("transformers")
 CFG = dataclasses.replace(M.PRESETS["tiny"], hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                           mrope_section=(2, 3, 3), vision_depth=2, vision_hidden_size=64, vision_num_heads=2,
                           vision_intermediate_size=128, out_hidden_size=128, image_size=56)
-THINK_END, ANSWER = 273, 274  # </think>, <answer> in the tiny vocabulary (CONTRACT.md)
+THINK_END, ANSWER = data.tiny_tokenizer().force_answer_ids  # </think>, <answer> in the tiny vocabulary
 
 
 def text(s):
     return list(s.encode())
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Decoding is thousands of tiny ops; on a busy 2-core machine OpenMP's thread hand-offs make them ~10× slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# decoding is thousands of tiny ops; on a busy 2-core machine OpenMP's thread hand-offs make them ~10× slower
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -369,10 +364,9 @@ def cli(*argv, stdin=""):
     return out.getvalue()
 
 
-def test_reply_printer_shows_thinking_answer_and_box():
+def test_reply_printer_shows_thinking_answer_and_box(tok):
     import io
 
-    tok = data.tiny_tokenizer()
     reply = "<think>hmm, é?</think><answer>It is <|begin_of_box|>42<|end_of_box|>.</answer><|user|>"
     out = io.StringIO()
     printer = S.ReplyPrinter(tok, out, color=False)
@@ -403,7 +397,7 @@ def test_cli_prompt_with_an_image_gives_the_generated_reply(checkpoint, pair):
     assert "\n\nAnswer:\n" in budget  # </think> forced after 3 tokens
 
 
-def test_cli_interactive_chat_keeps_the_history(checkpoint, monkeypatch):
+def test_cli_interactive_chat_keeps_the_history(checkpoint, monkeypatch, tok):
     prompts = []
     real = S.generate_stream
 
@@ -416,7 +410,6 @@ def test_cli_interactive_chat_keeps_the_history(checkpoint, monkeypatch):
     out = cli("--checkpoint", checkpoint, "--max-new-tokens", 6, "--no-think",
               stdin=f"first question\n/image {image}\nsecond, with a picture\n/image /no/such.png\n/quit\n")
     assert len(prompts) == 2 and "error: file not found: /no/such.png" in out
-    tok = data.tiny_tokenizer()
     first, second = tok.decode(prompts[0]), tok.decode(prompts[1])
     assert first.endswith("<|user|>\nfirst question<|assistant|>\n<think></think>")
     assert second.startswith(first) and second.count("<|user|>") == 2 and "<|begin_of_image|>" in second

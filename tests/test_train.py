@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 import data
+import world
 import pretrain
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -16,7 +17,7 @@ SMALL = ["--tiny", "--seq-len", "256", "--global-batch", "4"]
 
 
 def config(out, *flags):
-    return pretrain.config_from_args(pretrain.build_parser("test").parse_args([*SMALL, "--out", str(out), *flags]))
+    return pretrain.config_from_args(pretrain.build_parser(pretrain.TrainConfig, "test").parse_args([*SMALL, "--out", str(out), *flags]))
 
 
 def losses(out):
@@ -164,7 +165,7 @@ def test_pretraining_learns_to_use_the_images(tmp_path):
 
     pretrain.train(config(tmp_path, "--tasks", "choice", "--levels", "1", "--max-steps", "60", "--lr", "5e-4"))
     net = M.GLM4V.from_pretrained(tmp_path)
-    source = data.SyntheticSource(kind="caption", split="heldout", tasks=("choice",), levels=(1,))
+    source = world.SyntheticSource(kind="caption", split="heldout", tasks=("choice",), levels=(1,))
     batch = data.PackedLoader(source, data.tiny_tokenizer(), 256, 1).batch(0)[0]
     inputs = {k: batch[k] for k in pretrain.MODEL_INPUTS}
     n = (batch["labels"] != -100).sum()
