@@ -1,13 +1,12 @@
-"""Data for GLM-4.1V-Thinking (arXiv 2507.01006): the image and video processor, the tokenizer, the chat format,
-datasets, sample packing, the paper's data-quality pipeline, and a synthetic world of verifiable tasks that is the
-default data for pretraining, SFT and RL (no download needed).
+"""Data for GLM-4.1V-Thinking (arXiv 2507.01006): the image and video processor, the tokenizer, the chat and reply
+format, datasets, sample packing and the paper's data-quality pipeline. (The synthetic task world that is the
+default data is world.py.)
 
     PIL image ──process_image──► pixel_values (N, 3·2·14·14), image_grid_thw (1, 3)
     frames | folder | GIF | mp4 ──process_video──► Video(pixel_values_videos, video_grid_thw, timestamps)
     messages + images/videos ──render_chat──► input_ids, loss_mask + the vision tensors
-    JSONL | synthetic world ──PackedLoader──► fixed-length packs (input_ids, labels, positions, cu_seqlens)
+    JSONL | world.SyntheticSource ──PackedLoader──► fixed-length packs (input_ids, labels, positions, cu_seqlens)
     python data.py filter IN.jsonl OUT.jsonl   the quality pipeline (paper §3.1)
-    python data.py show --domain grounding --n 8 --out grid.png   a contact sheet of the synthetic world
 
 Choices made here, where the paper and the reference implementation leave room:
 - Images are processed exactly like the `transformers` Glm4v image processor (PIL backend), bit for bit. Videos
@@ -25,10 +24,8 @@ Choices made here, where the paper and the reference implementation leave room:
   logits, the Hugging Face convention); every sample starts with `[gMASK]`, outside the loss, so a shift never
   leaks across samples.
 - The order depends only on the global sample position: finite sources are shuffled per epoch from (seed, epoch),
-  the synthetic world is indexed directly. Global step g holds packs g·P … g·P+P-1 and rank r of w takes a
-  contiguous 1/w of them, so any world size sees the same global batches.
-- The synthetic world decides each item's split from a hash of its content (the expression, the string, the
-  scene), so train and held-out items can never coincide: a held-out item is one whose content hashes there.
+  endless ones (the synthetic world) are indexed directly. Global step g holds packs g·P … g·P+P-1 and rank r of
+  w takes a contiguous 1/w of them, so any world size sees the same global batches.
 """
 import argparse
 import dataclasses
@@ -632,7 +629,7 @@ def render_caption(text: str, tokenizer: Tokenizer, image=None, video=None, *, m
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Datasets: JSONL (conversations or caption pairs) and the synthetic world
+# Datasets: JSONL (conversations or caption pairs); world.py adds the synthetic world
 # ---------------------------------------------------------------------------------------------------------------
 # A *sample* is a dict: a conversation {"messages", "images", "videos", "thinking"} or a caption pair
 # {"image" | "video", "text"}. A *source* maps an index to a sample (`sample(i)`) and to its token count
@@ -1136,6 +1133,69 @@ def import_callable(spec: str):
         raise ValueError(f"cannot load {spec}: {e}") from e
 
 
+def _heuristic_problem(images, text: str, min_side, max_aspect, solid_std, min_text_chars, max_text_chars):
+    """The first heuristic a line fails (paper §3.1: resolution, aspect ratio, blank images, text length), or None."""
+    for image in images:
+        w, h = image.size
+        if min(w, h) < min_side:
+            return "too_small"
+        if max(w, h) / min(w, h) > max_aspect:
+            return "aspect_ratio"
+        if np.asarray(to_rgb(image).convert("L"), dtype=np.float32).std() < solid_std:
+            return "solid_color"
+    if not min_text_chars <= len(text.strip()) <= max_text_chars:
+        return "text_length"
+    return None
+
+
+class _Duplicates:
+    """Exact (identical pixels, or identical text without images) and near (perceptual hash) duplicates of the lines
+    kept so far."""
+
+    def __init__(self, phash_distance: int):
+        self.exact, self.near = set(), NearDuplicateIndex(phash_distance)
+
+    def check(self, images, text: str):
+        """(reason or None, the keys that `add` records)."""
+        exact = hashlib.blake2b(b"".join(im.mode.encode() + str(im.size).encode() + im.tobytes() for im in images)
+                                or text.encode(), digest_size=16).digest()
+        hashes = [phash(im) for im in images]
+        if exact in self.exact:
+            return "exact_duplicate", None
+        if any(self.near.find(h) is not None for h in hashes):
+            return "near_duplicate", None
+        return None, (exact, hashes)
+
+    def add(self, keys):
+        self.exact.add(keys[0])
+        for h in keys[1]:
+            self.near.add(h)
+
+
+def _concept_balance(kept, balance_t: int, vocabulary, seed: int, drop) -> list:
+    """MetaCLIP-style resampling: a concept mentioned by n > t kept lines selects each with probability t/n, and a
+    line stays if any of its concepts selects it (lines without a concept stay)."""
+    concepts = [concepts_of(_record_text(sample), vocabulary) for _, _, sample in kept]
+    counts = {}
+    for cs in concepts:
+        for c in cs:
+            counts[c] = counts.get(c, 0) + 1
+    balanced = []
+    for (lineno, obj, sample), cs in zip(kept, concepts):
+        rng = random.Random(stable_hash("balance", seed, lineno))
+        if not cs or any(rng.random() < balance_t / counts[c] for c in sorted(cs)):
+            balanced.append((lineno, obj, sample))
+        else:
+            drop(lineno, json.dumps(obj), "resampled_out")
+    return balanced
+
+
+def _recaptioned(obj: dict, sample: dict, recaption):
+    """The line with its caption rewritten by `recaption` (the old one kept as original_text); raises on failure."""
+    new = recaption(open_image(sample["image"]), sample["text"])
+    return {**obj, "text": str(new), "original_text": sample["text"]}
+
+
 def quality_filter(in_path, out_path, *, min_side: int = 32, max_aspect: float = 20.0, min_text_chars: int = 2,
                    max_text_chars: int = 20_000, solid_std: float = 2.0, dedup: bool = True,
                    phash_distance: int = 4, scorer=None, min_score: float = 0.3, balance_t: int = None,
@@ -1146,9 +1206,8 @@ def quality_filter(in_path, out_path, *, min_side: int = 32, max_aspect: float =
        solid colour (grey std < `solid_std`), text length within [min_text_chars, max_text_chars];
     2. de-duplication — exact (identical pixels) and near (perceptual hash within `phash_distance` bits);
     3. relevance — `scorer(image, text) -> float` (e.g. a CLIP similarity), keep when ≥ `min_score`;
-    4. concept-balanced resampling (MetaCLIP-style) when `balance_t` is set — a concept mentioned by n > t kept
-       lines selects each of them with probability t/n, and a line stays if any of its concepts selects it, so
-       head concepts are thinned and long-tail ones kept whole (lines with no concept stay);
+    4. concept-balanced resampling (MetaCLIP-style) when `balance_t` is set — head concepts are thinned and
+       long-tail ones kept whole (`concepts`: the vocabulary; default: content words);
     5. recaptioning — `recaption(image, text) -> str` rewrites caption pairs' text (the old one is kept as
        "original_text").
     Unparseable lines, missing, unreadable, truncated or decompression-bomb images are dropped and counted.
@@ -1159,8 +1218,7 @@ def quality_filter(in_path, out_path, *, min_side: int = 32, max_aspect: float =
         raise FileNotFoundError(f"input not found: {in_path}")
     root = os.path.dirname(os.path.abspath(in_path))
     vocabulary = None if concepts is None else {c.strip().lower() for c in concepts if c.strip()}
-    dropped, kept = {}, []  # kept: (lineno, object, sample, concepts)
-    exact_seen, near = set(), NearDuplicateIndex(phash_distance)
+    dropped, kept, duplicates = {}, [], _Duplicates(phash_distance)  # kept: (lineno, object, sample)
     reject_file = open(rejects, "w", encoding="utf-8") if rejects else None
 
     def drop(lineno, raw, reason, detail=""):
@@ -1169,101 +1227,54 @@ def quality_filter(in_path, out_path, *, min_side: int = 32, max_aspect: float =
             reject_file.write(json.dumps({"line": lineno, "reason": reason, "detail": detail, "raw": raw}) + "\n")
 
     with open(in_path, encoding="utf-8") as f:
-        total = sum(1 for line in f if line.strip())
-    read = 0
-    with open(in_path, encoding="utf-8") as f, tqdm(total=total, desc="filter", unit="line",
-                                                    disable=not progress) as bar:
-        for lineno, raw in enumerate(f, 1):
-            if not raw.strip():
-                continue
-            read += 1
-            bar.update(1)
-            raw = raw.rstrip("\n")
+        lines = [(n, raw.rstrip("\n")) for n, raw in enumerate(f, 1) if raw.strip()]
+    for lineno, raw in tqdm(lines, desc="filter", unit="line", disable=not progress):
+        try:
+            obj = json.loads(raw)
+            sample = parse_record(obj, root)
+        except json.JSONDecodeError as e:
+            drop(lineno, raw, "bad_json", e.msg)
+            continue
+        except FileNotFoundError as e:
+            drop(lineno, raw, "missing_file", str(e))
+            continue
+        except (ValueError, TypeError, KeyError) as e:
+            drop(lineno, raw, "bad_record", str(e))
+            continue
+        loaded = [_load_for_filter(p, max_image_pixels)
+                  for p in sample.get("images") or ([sample["image"]] if "image" in sample else [])]
+        reason = next((why for _, why in loaded if why), None)
+        images, text, keys = [im for im, _ in loaded], _record_text(sample), None
+        reason = reason or _heuristic_problem(images, text, min_side, max_aspect, solid_std, min_text_chars,
+                                              max_text_chars)
+        if not reason and dedup:
+            reason, keys = duplicates.check(images, text)
+        if not reason and scorer is not None and images:
             try:
-                obj = json.loads(raw)
-                sample = parse_record(obj, root)
-            except json.JSONDecodeError as e:
-                drop(lineno, raw, "bad_json", e.msg)
+                reason = "low_relevance" if min(float(scorer(im, text)) for im in images) < min_score else None
+            except Exception as e:  # a broken scorer must not lose the run; the line is counted
+                drop(lineno, raw, "scorer_error", repr(e))
                 continue
-            except FileNotFoundError as e:
-                drop(lineno, raw, "missing_file", str(e))
-                continue
-            except (ValueError, TypeError, KeyError) as e:
-                drop(lineno, raw, "bad_record", str(e))
-                continue
-            paths = sample.get("images") or ([sample["image"]] if "image" in sample else [])
-            text = _record_text(sample)
-            images, reason = [], None
-            for path in paths:
-                image, reason = _load_for_filter(path, max_image_pixels)
-                if reason:
-                    break
-                w, h = image.size
-                if min(w, h) < min_side:
-                    reason = "too_small"
-                elif max(w, h) / min(w, h) > max_aspect:
-                    reason = "aspect_ratio"
-                elif np.asarray(to_rgb(image).convert("L"), dtype=np.float32).std() < solid_std:
-                    reason = "solid_color"
-                if reason:
-                    break
-                images.append(image)
-            if not reason and not min_text_chars <= len(text.strip()) <= max_text_chars:
-                reason = "text_length"
-            exact = hashes = None
-            if not reason and dedup:
-                exact = hashlib.blake2b(b"".join(im.mode.encode() + str(im.size).encode() + im.tobytes()
-                                                 for im in images) or text.encode(), digest_size=16).digest()
-                hashes = [phash(im) for im in images]
-                if exact in exact_seen:
-                    reason = "exact_duplicate"
-                elif any(near.find(h) is not None for h in hashes):
-                    reason = "near_duplicate"
-            if not reason and scorer is not None and images:
-                try:
-                    score = min(float(scorer(im, text)) for im in images)
-                except Exception as e:  # a broken scorer must not lose the run; the line is counted
-                    drop(lineno, raw, "scorer_error", repr(e))
-                    continue
-                if score < min_score:
-                    reason = "low_relevance"
-            if reason:
-                drop(lineno, raw, reason)
-                continue
-            if dedup:
-                exact_seen.add(exact)
-                for h in hashes:
-                    near.add(h)
-            kept.append((lineno, obj, sample, concepts_of(text, vocabulary)))
+        if reason:
+            drop(lineno, raw, reason)
+            continue
+        if keys is not None:
+            duplicates.add(keys)
+        kept.append((lineno, obj, sample))
     if balance_t is not None:
-        counts = {}
-        for *_, cs in kept:
-            for c in cs:
-                counts[c] = counts.get(c, 0) + 1
-        balanced = []
-        for entry in kept:
-            lineno, obj, _, cs = entry
-            rng = random.Random(stable_hash("balance", seed, lineno))
-            if not cs or any(rng.random() < balance_t / counts[c] for c in sorted(cs)):
-                balanced.append(entry)
-            else:
-                drop(lineno, json.dumps(obj), "resampled_out")
-        kept = balanced
+        kept = _concept_balance(kept, balance_t, vocabulary, seed, drop)
     with open(out_path, "w", encoding="utf-8") as out:
-        for lineno, obj, sample, _ in kept:
+        for lineno, obj, sample in kept:
             if recaption is not None and "image" in sample and "messages" not in sample:
                 try:
-                    new = recaption(open_image(sample["image"]), sample["text"])
-                    obj = {**obj, "text": str(new), "original_text": sample["text"]}
+                    obj = _recaptioned(obj, sample, recaption)
                 except Exception as e:  # keep the line with its old caption, but say so
-                    dropped["recaption_failed_kept"] = dropped.get("recaption_failed_kept", 0) + 1
-                    if reject_file:
-                        reject_file.write(json.dumps({"line": lineno, "reason": "recaption_failed_kept",
-                                                      "detail": repr(e)}) + "\n")
+                    drop(lineno, None, "recaption_failed_kept", repr(e))
             out.write(json.dumps(obj, ensure_ascii=False) + "\n")
     if reject_file:
         reject_file.close()
-    return {"read": read, "kept": len(kept), "dropped": dict(sorted(dropped.items(), key=lambda kv: -kv[1]))}
+    return {"read": len(lines), "kept": len(kept),
+            "dropped": dict(sorted(dropped.items(), key=lambda kv: -kv[1]))}
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -236,8 +236,8 @@ class Attention(nn.Module):
             B, H, T, D = q.shape
             if T == 1:  # decode: the H/Hkv query heads of a KV head form one block of rows; no KV head copies
                 q = q.reshape(B, self.num_kv_heads, H // self.num_kv_heads, D)
-                if torch.compiler.is_compiling() and q.device.type == "cpu":  # inductor fuses mask + softmax
-                    # into one loop: ~10% off a compiled tiny CPU decode step, against the flash kernel
+                if torch.compiler.is_compiling() and q.device.type == "cpu":  # written out, inductor fuses
+                    # mask + softmax into one loop, which the CPU flash kernel it would call instead cannot
                     scores = (q @ k.transpose(-1, -2)) * D ** -0.5  # (B, Hkv, H/Hkv, S)
                     out = scores.masked_fill(~cache_mask, float("-inf")).softmax(-1) @ v  # (B, Hkv, H/Hkv, D)
                 else:

@@ -6,7 +6,7 @@
     torchrun --nproc_per_node 8 pretrain.py --preset 9b --init-from DIR   # the 9B, FSDP2 over 8 GPUs
     python pretrain.py --preset 9b --dry-run --world-size 64    # parameters, FLOPs/token and memory per GPU
 
-What the paper fixes (SPEC §3) and the presets use for the 9B: all parameters trained, sequence packing,
+What the paper fixes (§3) and the presets use for the 9B: all parameters trained, sequence packing,
 sequence length 8,192 and global batch 1,536 for 120k steps without video in stage 1; 32,768 tokens for +10k steps
 with video and long interleaved data in stage 2. Choices that are ours (the paper does not give them): AdamW
 (β 0.9/0.95, weight decay 0.1 on matrices), linear warm-up then cosine decay to 10% of the peak learning rate,

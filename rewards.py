@@ -1,7 +1,7 @@
 """rewards.py — the reward system of RL: one strict verifier per task domain (paper §5, Table 1).
 
 GLM-4.1V-Thinking learns in RL only from verifiable rewards, and the paper's strongest warning is that one weak
-verifier lets the policy hack its reward ("a number between 0 and 10") and drags every domain down (SPEC §3).
+verifier lets the policy hack its reward ("a number between 0 and 10") and drags every domain down (§5).
 So `score(task, response, answer) -> float in [0, 1]` is strict everywhere and never raises on model output.
 
 Design (the algorithmic choices, top to bottom):
@@ -24,7 +24,7 @@ Design (the algorithmic choices, top to bottom):
 * Hedges earn nothing because they do not parse: words ("or", "between"), lists, ±, inequalities, ranges, several
   option letters. A trailing % may be read either as the fraction (50% = 0.5) or as the percentage (50), never more.
 * `score(..., lenient=True)` is the deliberately weak verifier of paper §5 — kept tiny at the end of the file to
-  reproduce the reward-hacking collapse (issue 9). Never train with it otherwise.
+  reproduce the reward-hacking collapse (README, Finding 3). Never train with it otherwise.
 """
 
 import argparse
@@ -48,7 +48,7 @@ MATH_REL_TOL = Fraction(1, 10**6)        # paper Table 1: SymPy numeric equality
 CHART_REL_TOL = Fraction(25, 1000)       # paper Table 1: chart numbers within 2.5e-2 ...
 YEARS = (1000, 3000)                     # ... except integers in this range, which are years and must be exact
 IOU_THRESHOLD = 0.5                      # grounding and GUI boxes; also the floor of temporal IoU
-COORD_MAX = 1000                         # boxes are [x1, y1, x2, y2] in 0–1000 coordinates (SPEC §1)
+COORD_MAX = 1000                         # boxes are [x1, y1, x2, y2] in 0–1000 coordinates (the released format)
 MAX_SECONDS = 1e6                        # video timestamps beyond ~11 days are nonsense
 
 # Limits that keep hostile output cheap: everything is bounded before any work that grows with it.
@@ -833,7 +833,7 @@ _ANY_NUMBER = re.compile(r"-?[0-9]+(?:\.[0-9]+)?")
 
 
 def lenient_score(task, response, answer):
-    """Deliberately hackable, for issue 9's collapse experiment only. It skips the format check and rewards 1 if the
+    """Deliberately hackable, for the collapse experiment only. It skips the format check and rewards 1 if the
     truth appears anywhere in the reply's end ("3 or 4", "ABCD", a list of boxes) or two consecutive numbers there
     bracket it ("between 0 and 10"). The policy learns to hedge instead of to answer."""
     tail = response[-2000:] if isinstance(response, str) else ""

@@ -29,6 +29,7 @@ Choices made here (gpt-fast style, no framework):
   (before top-p truncation; temperature 0 counts as 1); forced tokens get the model's log-prob too.
 """
 import argparse
+import math
 import os
 import sys
 
@@ -106,8 +107,8 @@ _compiled_decode_steps = {}
 def compiled_decode_step(device_type: str):
     """decode_step compiled once per process and device type (gpt-fast). On a GPU, CUDA graphs remove the launch
     overhead of ~20 kernels per layer, most of a batch-1 step's time. On a CPU, where there are no graphs, the
-    Python code that calls the compiled kernels becomes C++ instead (inductor's `cpp_wrapper`): a tiny batch-1
-    step took ~30% less time than with the Python wrapper (1,110–1,280 vs 770–890 tok/s, one thread)."""
+    Python code that calls the compiled kernels becomes C++ instead (inductor's `cpp_wrapper`), which removes most
+    of the per-kernel overhead that remains (README, Benchmarks)."""
     if device_type not in _compiled_decode_steps:
         options = dict(mode="reduce-overhead") if device_type == "cuda" else dict(options={"cpp_wrapper": True})
         _compiled_decode_steps[device_type] = torch.compile(decode_step, fullgraph=True, dynamic=False, **options)
@@ -124,6 +125,39 @@ STOP_CHECK_EVERY = {"cpu": 1, "cuda": 8}  # decode steps between "have all rows 
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def check_generate_args(input_ids, temperature, top_p, think_budget, force_answer_ids):
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
+    if not math.isfinite(temperature) or temperature < 0:
+        raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature}")
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if think_budget is not None and not force_answer_ids:
+        raise ValueError("think_budget needs force_answer_ids: the token ids of '</think><answer>' to insert")
+    if think_budget is not None and think_budget < 0:
+        raise ValueError(f"think_budget must be >= 0, got {think_budget}")
+
+
+def prefill(model: M.GLM4V, ids, keep, S: int, vision: tuple):
+    """Set up a static cache of S slots, encode the images/videos once and write the prompt ids (B, T) into the cache
+    in chunks (they bound the (T × S) attention scores of a long prompt). Returns (the last position's logits (B, V)
+    fp32, the position of each row's first new token (B,))."""
+    cfg, device = model.cfg, ids.device
+    B, T = ids.shape
+    model.setup_caches(B, S)
+    pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw = (None if t is None else t.to(device)
+                                                                         for t in vision)
+    x = model.embed(ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)
+    position_ids, deltas = rope2d.get_rope_index(ids, image_grid_thw, video_grid_thw, keep,
+                                                 **cfg.rope_index_kwargs())
+    for start in range(0, T, PREFILL_CHUNK):
+        end = min(start + PREFILL_CHUNK, T)
+        logits = model.forward_cached(x[:, start:end], position_ids[..., start:end],
+                                      torch.arange(start, end, device=device), keep[:, start:end], last_only=True,
+                                      kv_len=end)
+    return logits[:, -1].float(), keep.sum(-1) + deltas[:, 0]
+
+
 @torch.no_grad()
 def generate_stream(model: M.GLM4V, input_ids, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
                     pixel_values=None, image_grid_thw=None, pixel_values_videos=None, video_grid_thw=None,
@@ -133,16 +167,7 @@ def generate_stream(model: M.GLM4V, input_ids, max_new_tokens: int, temperature:
     step in which the last row ended (on a GPU up to STOP_CHECK_EVERY - 1 all-padding steps later)."""
     cfg = model.cfg
     device = model.lm_head.weight.device
-    if input_ids.dim() != 2:
-        raise ValueError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
-    if not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-    if think_budget is not None and not force_answer_ids:
-        raise ValueError("think_budget needs force_answer_ids: the token ids of '</think><answer>' to insert")
-    if think_budget is not None and think_budget < 0:
-        raise ValueError(f"think_budget must be >= 0, got {think_budget}")
+    check_generate_args(input_ids, temperature, top_p, think_budget, force_answer_ids)
     ids, keep = left_pad(input_ids.to(device), None if attention_mask is None else attention_mask.to(device),
                          cfg.pad_token_id)
     B, T = ids.shape
@@ -155,25 +180,10 @@ def generate_stream(model: M.GLM4V, input_ids, max_new_tokens: int, temperature:
         return
     compile = device.type == "cuda" if compile is None else compile
     step = compiled_decode_step(device.type) if compile else decode_step
-
-    # prefill: vision encoded once, the prompt written into the cache chunk by chunk
     S = min(-(-(T + max_new_tokens) // CACHE_ROUNDING) * CACHE_ROUNDING, max_seq_len)
-    model.setup_caches(B, S)
-    pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw = (
-        None if t is None else t.to(device) for t in (pixel_values, image_grid_thw, pixel_values_videos,
-                                                      video_grid_thw))
-    x = model.embed(ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)
-    position_ids, deltas = rope2d.get_rope_index(ids, image_grid_thw, video_grid_thw, keep,
-                                                 **cfg.rope_index_kwargs())
-    for start in range(0, T, PREFILL_CHUNK):  # chunks bound the (T × S) attention scores of a long prompt
-        end = min(start + PREFILL_CHUNK, T)
-        logits = model.forward_cached(x[:, start:end], position_ids[..., start:end],
-                                      torch.arange(start, end, device=device), keep[:, start:end], last_only=True,
-                                      kv_len=end)
-    logits = logits[:, -1].float()
-
+    logits, first_position = prefill(model, ids, keep, S, (pixel_values, image_grid_thw, pixel_values_videos,
+                                                           video_grid_thw))
     # decode state, all on the device; the host only reads `done`
-    first_position = keep.sum(-1) + deltas[:, 0]  # (B,) the position of each row's first new token
     positions = first_position.view(1, B, 1).expand(3, B, 1).clone()  # (3, B, 1), the same on t, h and w
     input_pos = torch.tensor([T], device=device)
     is_eos = torch.zeros(cfg.vocab_size, dtype=torch.bool, device=device)  # a lookup: one op per step, not isin

@@ -54,7 +54,7 @@ LETTERS = "ABCD"
 class Item:
     """One synthetic task instance. `image` (PIL) for image tasks, `frames` (PIL list at `fps`) for video; both
     None when made with render=False (then `size` and `num_frames` still give the token count). `answer` is the
-    ground truth (CONTRACT.md format), `reasoning` the short chain of thought, `caption` the pretraining text,
+    ground truth (in the format its verifier reads), `reasoning` the short chain of thought, `caption` the pretraining text,
     `key` the content that decides the split, `facts` what was drawn (boxes, colours, visible frames…)."""
     task: str
     level: int
