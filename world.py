@@ -18,6 +18,7 @@ held-out item can never also be a training item.
 """
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -133,6 +134,15 @@ def _draw_shape(draw, kind: str, box, color):
         draw.polygon([(x0, y1), (x1, y1), (mx, y0)], fill=color)
     else:  # diamond
         draw.polygon([(mx, y0), (x1, my), (mx, y1), (x0, my)], fill=color)
+
+
+def _draw_scene(side: int, background, objects, boxes) -> Image.Image:
+    """A square canvas with each (shape, colour) object filled into its pixel box."""
+    image = Image.new("RGB", (side, side), background)
+    d = ImageDraw.Draw(image)
+    for (kind, color), box in zip(objects, boxes):
+        _draw_shape(d, kind, box, COLORS[color])
+    return image
 
 
 def _place(rng, n: int, width: int, height: int, smin: int, smax: int, gap: int = 3, top: int = 0):
@@ -304,13 +314,7 @@ def _gen_counting(rng, level):
     caption = "There " + ("is " if list(groups.values())[0] == 1 else "are ") + _join(
         f"{m} {c} {_plural(k, m)}" for (c, k), m in groups.items()) + "."
     bg = (240, 240, 240) if level == 5 else (255, 255, 255)
-
-    def draw():
-        image = Image.new("RGB", (side, side), bg)
-        d_ = ImageDraw.Draw(image)
-        for (k, c), box in zip(objects, boxes):
-            _draw_shape(d_, k, box, COLORS[c])
-        return image
+    draw = functools.partial(_draw_scene, side, bg, objects, boxes)
     return dict(question=f"How many {target} are there?", answer=str(n),
                 reasoning=f"I count the {target}: " + " ".join(str(i) for i in range(1, n + 1)) + ".",
                 caption=caption, key=f"{target}|{sorted(zip(objects, boxes))}", size=(side, side), draw=draw,
@@ -578,14 +582,7 @@ def _gen_choice(rng, level):
         options.insert(rng.randrange(options_n), correct)
     letter = LETTERS[options.index(correct)]
     question += "".join(f"\n{LETTERS[j]}. {o}" for j, o in enumerate(options))
-    bg = (255, 255, 255)
-
-    def draw():
-        image = Image.new("RGB", (side, side), bg)
-        d = ImageDraw.Draw(image)
-        for (k, c), box in zip(objects, boxes):
-            _draw_shape(d, k, box, COLORS[c])
-        return image
+    draw = functools.partial(_draw_scene, side, (255, 255, 255), objects, boxes)
     return dict(question=question, answer=letter, reasoning=f"{why}, so {letter}.", caption=caption,
                 key=f"{question}|{list(zip(objects, boxes))}", size=(side, side), draw=draw,
                 facts={"objects": objects, "boxes": boxes, "options": options, "correct": correct})

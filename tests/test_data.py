@@ -550,42 +550,41 @@ def test_worker_processes_give_the_same_batches(tok):
     assert workers.step == 3 and workers.state_dict()["position"] == plain._starts[3]
 
 
-PROCESS_SCRIPT = """
-import hashlib, json, sys
-sys.path.insert(0, {root!r})
-import data as D
-import world as W
-tok = D.tiny_tokenizer()
-loader = D.PackedLoader(W.SyntheticSource("sft", no_think_share=0.3), tok, seq_len=500, packs_per_step=2,
-                        rank={rank}, world=2)
-out = []
-for g in range(2):
-    for pack in loader.batch(g):
-        h = hashlib.sha256()
-        for key in ("input_ids", "labels", "position_ids", "pixel_values", "pixel_values_videos"):
-            if pack[key] is not None:
-                h.update(pack[key].numpy().tobytes())
-        out.append(h.hexdigest())
-print(json.dumps(out))
-"""
-
-
-def test_processes_agree_with_one_process(tok):
-    """Two ranks in fresh processes (their own str hash salts) reproduce the global batches of one process."""
-    procs = [subprocess.Popen([sys.executable, "-c", PROCESS_SCRIPT.format(root=ROOT, rank=r)],
-                              stdout=subprocess.PIPE, env={**os.environ, "PYTHONHASHSEED": str(17 + r)})
-             for r in range(2)]
-    outs = [json.loads(p.communicate(timeout=120)[0]) for p in procs]
+def pack_hashes(loader, steps=2) -> list:
+    """A sha256 of every pack of the first global steps: what must agree between processes."""
     import hashlib
-    loader = D.PackedLoader(W.SyntheticSource("sft", no_think_share=0.3), tok, seq_len=500, packs_per_step=2)
-    expected = []
-    for g in range(2):
+
+    out = []
+    for g in range(steps):
         for pack in loader.batch(g):
             h = hashlib.sha256()
             for key in ("input_ids", "labels", "position_ids", "pixel_values", "pixel_values_videos"):
                 if pack[key] is not None:
                     h.update(pack[key].numpy().tobytes())
-            expected.append(h.hexdigest())
+            out.append(h.hexdigest())
+    return out
+
+
+PROCESS_SCRIPT = """
+import json, sys
+sys.path[:0] = [{root!r}, {tests!r}]
+import data as D
+import world as W
+from test_data import pack_hashes
+loader = D.PackedLoader(W.SyntheticSource("sft", no_think_share=0.3), D.tiny_tokenizer(), seq_len=500,
+                        packs_per_step=2, rank={rank}, world=2)
+print(json.dumps(pack_hashes(loader)))
+"""
+
+
+def test_processes_agree_with_one_process(tok):
+    """Two ranks in fresh processes (their own str hash salts) reproduce the global batches of one process."""
+    script = PROCESS_SCRIPT.format(root=ROOT, tests=os.path.join(ROOT, "tests"), rank="{rank}")
+    procs = [subprocess.Popen([sys.executable, "-c", script.format(rank=r)], stdout=subprocess.PIPE,
+                              env={**os.environ, "PYTHONHASHSEED": str(17 + r)}) for r in range(2)]
+    outs = [json.loads(p.communicate(timeout=120)[0]) for p in procs]
+    expected = pack_hashes(D.PackedLoader(W.SyntheticSource("sft", no_think_share=0.3), tok, seq_len=500,
+                                          packs_per_step=2))
     assert [outs[0][0], outs[1][0], outs[0][1], outs[1][1]] == expected
 
 
