@@ -79,8 +79,8 @@ def smart_resize(num_frames: int, height: int, width: int, min_pixels: int = IMA
         scale = max(factor / height, factor / width)
         height, width = int(height * scale), int(width * scale)
     if max(height, width) / min(height, width) > MAX_ASPECT_RATIO:
-        raise ValueError(f"aspect ratio {max(height, width) / min(height, width):.1f} is above {MAX_ASPECT_RATIO}:1 "
-                         f"({width}x{height}); crop or pad the image first")
+        raise BadData("aspect_ratio", f"aspect ratio {max(height, width) / min(height, width):.1f} is above "
+                                      f"{MAX_ASPECT_RATIO}:1 ({width}x{height}); crop or pad the image first")
     h_bar = round(height / factor) * factor
     w_bar = round(width / factor) * factor
     t_bar = round(num_frames / temporal_factor) * temporal_factor
@@ -103,18 +103,37 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def open_image(path) -> Image.Image:
-    """Open and fully decode an image file; missing, corrupt or truncated files raise errors naming the path."""
+def bad_reason(error) -> str:
+    """The reason a sample is counted under when reading it raised `error`."""
+    if isinstance(error, BadData):
+        return error.reason
+    return "missing_file" if isinstance(error, FileNotFoundError) else "bad_sample"
+
+
+class BadData(ValueError):
+    """A sample that cannot be used, and why (`reason`): the packer skips and counts it instead of stopping."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+def open_image(path, decode: bool = True) -> Image.Image:
+    """Open (and with decode, fully decode) an image file; missing, corrupt or truncated files and decompression
+    bombs (more pixels than PIL's MAX_IMAGE_PIXELS) raise errors naming the path."""
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"image not found: {path}")
     try:
-        image = Image.open(path)
-        image.load()
-    except Image.DecompressionBombError as e:
-        raise ValueError(f"{path}: refusing a decompression bomb ({e})") from e
+        with warnings.catch_warnings():  # PIL only warns up to twice its limit; such an image is a bomb too
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(path)
+            if decode:
+                image.load()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise BadData("decompression_bomb", f"{path}: refusing a decompression bomb ({e})") from e
     except (OSError, SyntaxError) as e:
-        raise ValueError(f"{path}: unreadable, corrupt or truncated image ({e})") from e
+        raise BadData("unreadable_image", f"{path}: unreadable, corrupt or truncated image ({e})") from e
     return image
 
 
@@ -655,14 +674,8 @@ def _image_size(image):
     """(width, height) of an image, stand-in or file, without decoding the pixels."""
     if isinstance(image, (Image.Image, Unrendered)):
         return image.size
-    path = os.fspath(image)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"image not found: {path}")
-    try:
-        with Image.open(path) as im:
-            return im.size
-    except (OSError, SyntaxError) as e:
-        raise ValueError(f"{path}: unreadable image ({e})") from e
+    with open_image(image, decode=False) as im:  # the header only
+        return im.size
 
 
 def _sized_layout(images, videos, fps: float = VIDEO_FPS):
@@ -815,16 +828,10 @@ class JsonlSource:
         return self.records[i]
 
     def length(self, i: int, tokenizer: Tokenizer) -> int:
-        try:
-            return len(encode_sample(self.records[i], tokenizer, sizes_only=True)["input_ids"])
-        except (ValueError, OSError) as e:
-            raise ValueError(f"{self.where(i)}: {e}") from e
+        return len(encode_sample(self.records[i], tokenizer, sizes_only=True)["input_ids"])
 
     def encode(self, i: int, tokenizer: Tokenizer) -> dict:
-        try:
-            return encode_sample(self.records[i], tokenizer)
-        except (ValueError, OSError) as e:
-            raise ValueError(f"{self.where(i)}: {e}") from e
+        return encode_sample(self.records[i], tokenizer)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -837,7 +844,8 @@ class PackedLoader:
 
     The stream: position s is sample s of `source` (endless sources), or sample perm_e[s mod N] of epoch e =
     s // N with perm_e a permutation seeded by (seed, e). Packs: greedy in stream order — a sample that does not fit
-    starts the next pack; a sample longer than `seq_len` is skipped (recorded in `self.skipped`). Global step g is
+    starts the next pack; a sample longer than `seq_len`, or one that cannot be read (a corrupt image, ...), is
+    skipped and counted by reason (`bad_data()`; the first few are printed with their file:line). Global step g is
     packs g·P … g·P+P-1 (P = packs_per_step); rank r of `world` gets the contiguous packs g·P + r·P/w …, one batch
     dict per pack, so any world size sees the same global batches. Planning needs only token counts
     (`source.length`); only a rank's own packs are rendered.
@@ -863,7 +871,9 @@ class PackedLoader:
         self.num_workers = num_workers
         self.rope_kwargs = tokenizer.rope_index_kwargs()
         self.step = 0
-        self.skipped = set()  # stream positions of samples longer than seq_len
+        self.skipped = {}  # stream position -> reason, for samples skipped while planning (the same on every rank)
+        self.counted_before = ({}, 0)  # (reason -> count, samples examined) before the resume point
+        self._reported = 0
         self._starts = {0: 0}  # pack index -> stream position where it starts
         self._lengths = {}
         self._perm = (None, None)
@@ -880,12 +890,48 @@ class PackedLoader:
             self._perm = (epoch, np.random.default_rng([self.seed, epoch]).permutation(n))
         return int(self._perm[1][k])
 
-    def _length(self, s: int) -> int:
+    def _length(self, s: int):
+        """The token count of the sample at stream position s, or None when it cannot be read (counted)."""
         if s not in self._lengths:
             if len(self._lengths) > 200_000:
                 self._lengths.clear()
-            self._lengths[s] = self.source.length(self.index(s), self.tokenizer)
+            try:
+                self._lengths[s] = self.source.length(self.index(s), self.tokenizer)
+            except (ValueError, OSError) as e:
+                self._lengths[s] = None
+                self._skip(s, e)
         return self._lengths[s]
+
+    def where(self, s: int) -> str:
+        """file:line of the sample at stream position s (or its index in the source)."""
+        i = self.index(s)
+        return self.source.where(i) if hasattr(self.source, "where") else f"sample {i}"
+
+    def _skip(self, s: int, error):
+        """Count a sample that is skipped; print the first few (planning is the same on every rank: rank 0 says it)."""
+        if isinstance(error, str):
+            reason, error = error, f"longer than seq_len={self.seq_len}"
+        else:
+            reason = bad_reason(error)
+        self.skipped[s] = reason
+        if self._reported < 5 and self.rank == 0:
+            self._reported += 1
+            print(f"skipped {self.where(s)}: {error} ({reason})" + (" — further skips are only counted"
+                                                                    if self._reported == 5 else ""),
+                  file=sys.stderr, flush=True)
+
+    def bad_data(self, g: int) -> tuple:
+        """({reason: count}, samples examined) up to the end of global step g, as planning found them (the same on
+        every rank). Samples that fail only when rendered are listed in each pack's "skipped"."""
+        end = (g + 1) * self.packs_per_step
+        self.pack(end - 1)
+        counts, examined = dict(self.counted_before[0]), self.counted_before[1]
+        first = min(self._starts)
+        examined += self._starts[end] - self._starts[first]
+        for s, reason in self.skipped.items():
+            if self._starts[first] <= s < self._starts[end]:
+                counts[reason] = counts.get(reason, 0) + 1
+        return counts, examined
 
     def pack(self, p: int) -> list:
         """Stream positions of the samples in pack p (global pack index)."""
@@ -900,13 +946,16 @@ class PackedLoader:
             s, used, members, misses = self._starts[q], 0, [], 0
             while True:
                 length = self._length(s)
-                if length > self.seq_len:
-                    self.skipped.add(s)
-                    misses += 1
+                if length is None or length > self.seq_len:
+                    if length is not None and s not in self.skipped:
+                        self._skip(s, "too_long")
+                    misses += 1  # in a row: a whole epoch of them means no sample can ever be packed
                     if self.source.size is not None and misses > self.source.size:
-                        raise ValueError(f"no sample fits in seq_len={self.seq_len}")
+                        raise ValueError(f"no sample of the data can be packed: every one is longer than "
+                                         f"seq_len={self.seq_len} or unreadable ({self._summary()})")
                     s += 1
                     continue
+                misses = 0
                 if used + length > self.seq_len:
                     break
                 members.append(s)
@@ -924,10 +973,17 @@ class PackedLoader:
 
     def render(self, members: list) -> dict:
         """Samples (stream positions) -> one packed batch dict (see the class docstring)."""
-        ids, labels, positions, cu = [], [], [], [0]
+        ids, labels, positions, cu, skipped = [], [], [], [0], []
         vision = {k: [] for k in VISION_KEYS}
-        for s in members:
-            enc = self.source.encode(self.index(s), self.tokenizer)
+        members = list(members)
+        for s in list(members):
+            try:
+                enc = self.source.encode(self.index(s), self.tokenizer)
+            except (ValueError, OSError) as e:  # readable when sized, broken when decoded (a truncated image)
+                members.remove(s)
+                skipped.append(bad_reason(e))
+                print(f"skipped {self.where(s)}: {e} ({skipped[-1]})", file=sys.stderr, flush=True)
+                continue
             n = len(enc["input_ids"])
             if n != self._length(s):
                 raise RuntimeError(f"sample {self.index(s)}: planned {self._length(s)} tokens but rendered {n}")
@@ -948,7 +1004,7 @@ class PackedLoader:
             cu.append(self.seq_len)
         return dict(input_ids=_cat(ids)[None], labels=_cat(labels)[None],
                     position_ids=_cat(positions, dim=2), cu_seqlens=torch.tensor(cu, dtype=torch.int32),
-                    **{k: _cat(v) if v else None for k, v in vision.items()}, samples=list(members))
+                    **{k: _cat(v) if v else None for k, v in vision.items()}, samples=members, skipped=skipped)
 
     def batch(self, g: int) -> list:
         """This rank's packs of global step g: a list of packs_per_step / world batch dicts."""
@@ -976,8 +1032,9 @@ class PackedLoader:
         p = self.step * self.packs_per_step
         if p not in self._starts:
             self.pack(p)
+        skipped, examined = self.bad_data(self.step - 1) if self.step else self.counted_before
         return dict(step=self.step, pack=p, position=self._starts[p], seq_len=self.seq_len,
-                    packs_per_step=self.packs_per_step, seed=self.seed, skipped=len(self.skipped))
+                    packs_per_step=self.packs_per_step, seed=self.seed, skipped=skipped, examined=examined)
 
     def load_state_dict(self, state: dict):
         for key in ("seq_len", "packs_per_step", "seed"):
@@ -986,6 +1043,14 @@ class PackedLoader:
         self.step = state["step"]
         self._starts = {state["pack"]: state["position"]}
         self._lengths.clear()
+        self.skipped.clear()
+        self.counted_before = (dict(state.get("skipped") or {}), state.get("examined", 0))
+
+    def _summary(self) -> str:
+        counts = {}
+        for reason in self.skipped.values():
+            counts[reason] = counts.get(reason, 0) + 1
+        return ", ".join(f"{n} {reason}" for reason, n in sorted(counts.items()))
 
 
 VISION_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")
@@ -1084,20 +1149,16 @@ class NearDuplicateIndex:
 
 def _load_for_filter(path: str, max_image_pixels: int):
     """(image, None) or (None, reason) — never raises on a bad file."""
-    if not os.path.exists(path):
-        return None, "missing_file"
     old = Image.MAX_IMAGE_PIXELS
-    Image.MAX_IMAGE_PIXELS = max_image_pixels  # PIL refuses above 2× this; the warning above 1× becomes an error
+    Image.MAX_IMAGE_PIXELS = max_image_pixels
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(path)
-            image.load()
-        return image, None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        return None, "decompression_bomb"
-    except (OSError, SyntaxError, ValueError) as e:
-        return None, "truncated" if "truncated" in str(e).lower() else "unreadable"
+        return open_image(path), None
+    except FileNotFoundError:
+        return None, "missing_file"
+    except BadData as e:
+        if e.reason == "decompression_bomb":
+            return None, e.reason
+        return None, "truncated" if "truncated" in str(e.__cause__).lower() else "unreadable"
     finally:
         Image.MAX_IMAGE_PIXELS = old
 

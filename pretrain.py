@@ -22,10 +22,14 @@ checkpoint; a Hugging Face-format export (config.json, safetensors, tokenizer.js
 import argparse
 import dataclasses
 import datetime
+import errno
 import json
 import math
 import os
 import shutil
+import signal
+import sys
+import threading
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -60,7 +64,10 @@ class RunConfig:
     init_from: str = _f(None, "start from this Hugging Face-format checkpoint directory (e.g. the released 9B)")
     num_layers: int = _f(None, "decoder layers of a model built from the preset, without --init-from (default: the "
                                "preset's)")
-    resume: bool = _f(False, "continue from the latest checkpoint in --out")
+    resume: bool = _f(False, "continue from the newest complete checkpoint in --out (refuses changed flags, see "
+                             "--allow-changes)")
+    allow_changes: str = _f(None, "--resume: comma-separated fields that may differ from the checkpoint's run and "
+                                  "then apply (e.g. weight_decay,beta2); --max-steps and --lr may always change")
     max_steps: int = _f(None, "optimizer steps (RL: iterations) (default: per preset and stage)")
     seed: int = _f(0, "seed for weight init, the data order and sampling")
     # the data
@@ -78,6 +85,8 @@ class RunConfig:
     beta2: float = _f(0.95, "AdamW beta2")
     grad_clip: float = _f(1.0, "clip the global gradient norm to this (0: off)")
     max_bad_steps: int = _f(5, "stop after this many consecutive steps with a non-finite loss or gradient")
+    max_bad_data: float = _f(0.05, "stop when more than this share of the samples read so far was unusable "
+                                   "(unreadable images, too long, ...); fewer are skipped and counted")
     # the model while training
     freeze_vision: bool = _f(False, "freeze the ViT (the projector stays trainable)")
     freeze_llm: bool = _f(False, "freeze the language model and lm_head")
@@ -85,8 +94,13 @@ class RunConfig:
                                               "on for the 9B)")
     compile: bool = _f(False, "torch.compile each ViT block and decoder layer")
     # checkpoints
-    save_every: int = _f(None, "checkpoint every N steps (0: only at the end)")
+    save_every: int = _f(None, "checkpoint every N steps (0: only by time, on a signal and at the end; default: per "
+                               "preset and stage)")
+    save_minutes: float = _f(30.0, "also checkpoint when this many minutes passed since the last one (0: never by "
+                                   "time); SIGTERM/SIGINT always save before the run stops")
     keep_checkpoints: int = _f(2, "how many training checkpoints to keep")
+    hang_timeout: float = _f(600.0, "under torchrun: seconds a rank may fall behind the others before the job ends "
+                                    "with an error naming it")
 
 
 @dataclass
@@ -105,16 +119,19 @@ class TrainConfig(RunConfig):
 # a laptop-sized version of them for tiny. The optimizer and schedule are ours: AdamW (β 0.9/0.95, weight decay
 # 0.1 on matrices), linear warm-up, cosine decay to 10% of the peak.
 DEFAULTS = {
-    "pretrain": dict(min_lr_ratio=0.1, weight_decay=0.1, save_every=0, activation_checkpointing=False),
-    "long": dict(min_lr_ratio=0.1, weight_decay=0.1, save_every=0, activation_checkpointing=False),
-    "sft": dict(min_lr_ratio=0.1, weight_decay=0.1, save_every=0, activation_checkpointing=False),
-    ("9b", "pretrain"): dict(seq_len=8192, global_batch=1536, max_steps=120_000, lr=2e-4, activation_checkpointing=True),
-    ("9b", "long"): dict(seq_len=32768, global_batch=384, max_steps=10_000, lr=5e-5, activation_checkpointing=True),
-    ("9b", "sft"): dict(seq_len=32768, global_batch=32, max_steps=3000, lr=1e-5, activation_checkpointing=True),
+    "pretrain": dict(min_lr_ratio=0.1, weight_decay=0.1, activation_checkpointing=False),
+    "long": dict(min_lr_ratio=0.1, weight_decay=0.1, activation_checkpointing=False),
+    "sft": dict(min_lr_ratio=0.1, weight_decay=0.1, activation_checkpointing=False),
+    ("9b", "pretrain"): dict(seq_len=8192, global_batch=1536, max_steps=120_000, lr=2e-4, save_every=1000,
+                             activation_checkpointing=True),
+    ("9b", "long"): dict(seq_len=32768, global_batch=384, max_steps=10_000, lr=5e-5, save_every=500,
+                         activation_checkpointing=True),
+    ("9b", "sft"): dict(seq_len=32768, global_batch=32, max_steps=3000, lr=1e-5, save_every=500,
+                        activation_checkpointing=True),
     # tiny: 1e-3, not 2e-3, at which the from-scratch ViT collapses (README, "Train")
-    ("tiny", "pretrain"): dict(seq_len=512, global_batch=8, max_steps=300, lr=1e-3),
-    ("tiny", "long"): dict(seq_len=1024, global_batch=4, max_steps=50, lr=5e-4),
-    ("tiny", "sft"): dict(seq_len=512, global_batch=8, max_steps=300, lr=5e-4),
+    ("tiny", "pretrain"): dict(seq_len=512, global_batch=8, max_steps=300, lr=1e-3, save_every=100),
+    ("tiny", "long"): dict(seq_len=1024, global_batch=4, max_steps=50, lr=5e-4, save_every=25),
+    ("tiny", "sft"): dict(seq_len=512, global_batch=8, max_steps=300, lr=5e-4, save_every=100),
 }
 
 
@@ -132,6 +149,12 @@ def resolve_run(cfg: RunConfig, defaults: dict) -> RunConfig:
         raise ValueError("--num-layers builds a model from the preset; a model from --init-from keeps its layers")
     if cfg.num_layers is not None and cfg.num_layers < 1:
         raise ValueError(f"--num-layers must be positive, got {cfg.num_layers}")
+    for f in dataclasses.fields(cfg):  # a NaN slips through every comparison below
+        value = getattr(cfg, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"--{f.name.replace('_', '-')} must be a finite number, got {value}")
+    if not 0 <= cfg.max_bad_data <= 1:
+        raise ValueError(f"--max-bad-data is a share between 0 and 1, got {cfg.max_bad_data}")
     if cfg.vision_lr_ratio <= 0:
         raise ValueError(f"--vision-lr-ratio must be positive (--freeze-vision freezes the ViT), "
                          f"got {cfg.vision_lr_ratio}")
@@ -175,17 +198,42 @@ def config_from_args(args, config_class=None, resolve_fn=None):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def setup_distributed():
-    """(rank, world, device). Under torchrun: one process per device, nccl on GPU, gloo on CPU."""
+class TrainingError(RuntimeError):
+    """A run that must stop, with a message for the user (divergence, a hung rank, too much bad data)."""
+
+
+_monitor_group = None  # a gloo group for heartbeats, which can name the rank that is missing
+
+
+def setup_distributed(hang_timeout: float = 600.0):
+    """(rank, world, device). Under torchrun: one process per device, nccl on GPU, gloo on CPU; a collective that
+    waits longer than hang_timeout seconds fails instead of waiting for the default half hour."""
+    global _monitor_group
     if "RANK" not in os.environ:
         return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    timeout = datetime.timedelta(seconds=hang_timeout)
     if torch.cuda.is_available():
         local = int(os.environ.get("LOCAL_RANK", 0))
         torch.cuda.set_device(local)
-        dist.init_process_group("nccl", timeout=datetime.timedelta(minutes=30))
-        return dist.get_rank(), dist.get_world_size(), torch.device("cuda", local)
-    dist.init_process_group("gloo", timeout=datetime.timedelta(minutes=30))
-    return dist.get_rank(), dist.get_world_size(), torch.device("cpu")
+        dist.init_process_group("nccl", timeout=timeout)
+        device = torch.device("cuda", local)
+    else:
+        dist.init_process_group("gloo", timeout=timeout)
+        device = torch.device("cpu")
+    _monitor_group = dist.new_group(backend="gloo", timeout=timeout)
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def heartbeat(hang_timeout: float, where: str):
+    """Every rank checks in before a step: a rank that hangs (in its data, on its GPU) is named within
+    hang_timeout seconds and the job ends, instead of the others waiting in their next collective."""
+    if _monitor_group is None or not dist.is_initialized():
+        return
+    try:
+        dist.monitored_barrier(group=_monitor_group, timeout=datetime.timedelta(seconds=hang_timeout))
+    except RuntimeError as e:  # gloo says e.g. "Rank 1 failed to pass monitoredBarrier in 10000 ms"
+        raise TrainingError(f"{where}: {str(e).splitlines()[0]} — that rank hung for more than {hang_timeout:g} s "
+                            "(--hang-timeout); stopping the job") from e
 
 
 def teardown_distributed():
@@ -272,9 +320,18 @@ def build_optimizer(model, run: RunConfig, device):
             params = [p for n, p in model.named_parameters() if p.requires_grad and ("visual" in n) == vision
                       and (p.dim() >= 2 and "position_embedding" not in n) == decay]
             if params:
-                groups.append({"params": params, "weight_decay": run.weight_decay if decay else 0.0,
-                               "lr_scale": run.vision_lr_ratio if vision else 1.0})
-    return torch.optim.AdamW(groups, lr=run.lr, betas=(run.beta1, run.beta2), fused=device.type == "cuda")
+                groups.append({"params": params, "decay": decay, "vision": vision})
+    optimizer = torch.optim.AdamW(groups, lr=run.lr, fused=device.type == "cuda")
+    set_hyperparameters(optimizer, run)
+    return optimizer
+
+
+def set_hyperparameters(optimizer, run: RunConfig):
+    """Weight decay, betas and each group's lr_scale from the config: at the start, and again after a resume has
+    loaded the checkpoint's optimizer state (so that --allow-changes weight_decay,... really applies)."""
+    for group in optimizer.param_groups:
+        group.update(weight_decay=run.weight_decay if group["decay"] else 0.0, betas=(run.beta1, run.beta2),
+                     lr_scale=run.vision_lr_ratio if group["vision"] else 1.0)
 
 
 def set_lr(optimizer, lr: float):
@@ -363,31 +420,77 @@ def dry_run(tc: TrainConfig, world: int):
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def is_complete(path: str) -> bool:
+    """A training checkpoint that was written to the end: DCP's metadata and the trainer state are there."""
+    try:
+        with open(os.path.join(path, "trainer_rank0.json")) as f:
+            json.load(f)
+    except (OSError, ValueError):
+        return False
+    return os.path.exists(os.path.join(path, ".metadata"))
+
+
 def latest_checkpoint(out: str):
-    pointer = os.path.join(out, "checkpoints", "latest")
-    if not os.path.exists(pointer):
+    """The newest complete checkpoint in out/checkpoints: the `latest` pointer's, or — when it points at a missing
+    or broken one — the newest complete step_N (said so); None when there is none."""
+    root = os.path.join(out, "checkpoints")
+    if not os.path.isdir(root):
         return None
-    with open(pointer) as f:
-        path = os.path.join(out, "checkpoints", f.read().strip())
-    return path if os.path.isdir(path) else None
+    pointer, named = os.path.join(root, "latest"), None
+    if os.path.exists(pointer):
+        with open(pointer) as f:
+            named = os.path.join(root, f.read().strip())
+        if is_complete(named):
+            return named
+    steps = sorted((d for d in os.listdir(root) if d.startswith("step_") and not d.endswith(".tmp")), reverse=True)
+    newest = next((os.path.join(root, d) for d in steps if is_complete(os.path.join(root, d))), None)
+    if named and newest:
+        log(f"warning: {pointer} names {os.path.basename(named)}, which is missing or incomplete; using "
+            f"{os.path.basename(newest)}, the newest complete checkpoint")
+    return newest
 
 
 def write_atomic(path: str, text: str):
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise disk_error(e, path) from e
+
+
+def disk_error(e: OSError, path: str) -> OSError:
+    """One line for a failed write; "no space left" names the directory."""
+    if getattr(e, "errno", None) == errno.ENOSPC:
+        return OSError(errno.ENOSPC, f"no space left on the device of {os.path.dirname(os.path.abspath(path))}: "
+                                     "nothing was written there (earlier checkpoints are intact)")
+    return e
+
+
+def weights_finite(model) -> bool:
+    """True when every parameter (this rank's shards, under FSDP every rank's) is finite."""
+    bad = sum(int(not torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all())
+              for p in model.parameters())
+    device = next(model.parameters()).device
+    return int(all_reduce_sum(torch.tensor(float(bad), device=device)).item()) == 0
 
 
 def save_training_state(model, optimizer, trainer_state: dict, out: str, step: int, rank: int, keep: int):
     """Model + optimizer shards via torch.distributed.checkpoint, plus the trainer's own state (step, data
-    position, RNG) as JSON, written to a temporary directory that becomes `step_N` — and the `latest` pointer —
-    only once every rank has finished. A crash at any moment leaves the previous checkpoint usable."""
+    position, RNG, the run's config) as JSON, written to a temporary directory that becomes `step_N` — and the
+    `latest` pointer — only once every rank has finished. A crash at any moment leaves the previous checkpoint
+    usable; weights that are not finite are never written, and a full disk removes the partial directory."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
+    if not weights_finite(model):
+        raise TrainingError(f"step {step}: the weights are not finite; not saving them (last checkpoint: "
+                            f"{latest_checkpoint(out) or 'none'})")
     root = os.path.join(out, "checkpoints")
     final = os.path.join(root, f"step_{step:08d}")
     tmp = final + ".tmp"
@@ -397,9 +500,14 @@ def save_training_state(model, optimizer, trainer_state: dict, out: str, step: i
     barrier()
     model_state, optim_state = get_state_dict(model, optimizer)
     warnings.filterwarnings("ignore", message="torch.distributed is disabled")  # one process: that is intended
-    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=tmp)
-    with open(os.path.join(tmp, f"trainer_rank{rank}.json"), "w") as f:
-        json.dump({**trainer_state, "rng": rng_state()}, f)
+    try:
+        dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=tmp)
+        with open(os.path.join(tmp, f"trainer_rank{rank}.json"), "w") as f:
+            json.dump({**trainer_state, "rng": rng_state()}, f)
+    except (OSError, RuntimeError) as e:  # a full disk surfaces as ENOSPC or as torch's "unexpected pos"
+        shutil.rmtree(tmp, ignore_errors=True)
+        full = isinstance(e, RuntimeError) or getattr(e, "errno", None) == errno.ENOSPC
+        raise disk_error(OSError(errno.ENOSPC, str(e)) if full else e, tmp) from e
     barrier()
     if rank == 0:
         shutil.rmtree(final, ignore_errors=True)
@@ -411,12 +519,24 @@ def save_training_state(model, optimizer, trainer_state: dict, out: str, step: i
 
 
 def load_training_state(model, optimizer, path: str, rank: int) -> dict:
+    """The checkpoint at `path` into model and optimizer (all of it, or an error listing what does not match —
+    never a partial load), this rank's RNG restored; returns the trainer state."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     model_state, optim_state = get_state_dict(model, optimizer)
+    stored = {k[len("model."):] for k in dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+              if k.startswith("model.")}
+    missing, unexpected = sorted(set(model_state) - stored), sorted(stored - set(model_state))
+    if missing or unexpected:
+        raise ValueError(f"{path} holds a different model: {len(missing)} tensors missing (e.g. "
+                         f"{missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]}); resume with the "
+                         "flags that made it, or start a new --out")
     state = {"model": model_state, "optim": optim_state}
-    dcp.load(state, checkpoint_id=path)
+    try:
+        dcp.load(state, checkpoint_id=path)
+    except Exception as e:  # DCP reports a shape mismatch (or a damaged shard) as a CheckpointException
+        raise ValueError(f"{path} does not fit this model ({str(e).splitlines()[0][:300]})") from e
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     own = os.path.join(path, f"trainer_rank{rank}.json")
     with open(own if os.path.exists(own) else os.path.join(path, "trainer_rank0.json")) as f:
@@ -513,7 +633,8 @@ def to_device(batch: dict, device) -> dict:
 
 
 class Metrics:
-    """metrics.jsonl, one JSON object per step; on resume, lines after the resumed step are dropped."""
+    """metrics.jsonl, one JSON object per step; on resume, lines after the resumed step are dropped, and a line a
+    crash tore in half is dropped with a warning."""
 
     def __init__(self, out: str, rank: int, resume_step: int):
         self.path, self.rank = os.path.join(out, "metrics.jsonl"), rank
@@ -521,7 +642,12 @@ class Metrics:
             kept = []
             if resume_step and os.path.exists(self.path):
                 with open(self.path) as f:
-                    kept = [line for line in f if line.strip() and json.loads(line)["step"] <= resume_step]
+                    for lineno, line in enumerate(f, 1):
+                        try:
+                            if line.strip() and json.loads(line)["step"] <= resume_step:
+                                kept.append(line.rstrip("\n") + "\n")
+                        except (ValueError, KeyError, TypeError):
+                            log(f"warning: {self.path}:{lineno}: dropping a torn or foreign line ({line[:60]!r})")
             write_atomic(self.path, "".join(kept))
 
     def write(self, row: dict):
@@ -536,10 +662,11 @@ def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
     return value
 
 
-def train_step(model, optimizer, batches, device, world: int, autocast, grad_clip: float):
+def train_step(model, optimizer, batches, device, world: int, autocast, grad_clip: float, before_update=None):
     """Forward + backward over this rank's packed sequences (gradient accumulation), then clip and step.
     The loss is the mean over every label token of the *global* batch, so any split across processes and
-    micro-batches gives the same update. Returns (loss, grad_norm, tokens) — or loss/grad NaN when skipped."""
+    micro-batches gives the same update. before_update(ok) runs while the weights are still the step's inputs.
+    Returns (loss, grad_norm, tokens, ok) — ok False: a non-finite loss or gradient, the update skipped."""
     local_targets = sum(int((b["labels"] != -100).sum()) for b in batches)
     n_targets = int(all_reduce_sum(torch.tensor(float(local_targets), device=device)).item())
     loss_sum = torch.zeros((), device=device)
@@ -558,6 +685,8 @@ def train_step(model, optimizer, batches, device, world: int, autocast, grad_cli
     if hasattr(grad_norm, "full_tensor"):
         grad_norm = grad_norm.full_tensor()
     ok = bool(torch.isfinite(loss)) and bool(torch.isfinite(grad_norm))
+    if before_update is not None:
+        before_update(ok)
     if ok:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -565,14 +694,108 @@ def train_step(model, optimizer, batches, device, world: int, autocast, grad_cli
     return float(loss), float(grad_norm), tokens, ok
 
 
+# Fields that a resumed run may change without saying so: how long it runs, the learning rate, how it saves,
+# logs and uses the machine. Every other difference from the checkpoint's run needs --allow-changes.
+FREE_TO_CHANGE = {"max_steps", "lr", "resume", "allow_changes", "out", "save_every", "save_minutes",
+                  "keep_checkpoints", "num_workers", "compile", "activation_checkpointing", "max_bad_steps",
+                  "max_bad_data", "hang_timeout", "dry_run", "world_size", "report_to", "eval_every", "eval_n",
+                  "max_rollouts", "rollout_batch", "micro_batch"}
+DATA_FIELDS = {"stage", "data", "tasks", "levels", "seed", "no_think_share", "seq_len", "global_batch", "pool_size"}
+
+
 def checkpoint_to_resume(run: RunConfig):
     """The checkpoint --resume continues from (None: a fresh run); a fresh run never overwrites an earlier one."""
+    if os.path.exists(run.out) and not os.path.isdir(run.out):
+        raise NotADirectoryError(f"--out {run.out} is a file; it must be a directory")
     os.makedirs(run.out, exist_ok=True)
     latest = latest_checkpoint(run.out)
     if latest and not run.resume:
         raise FileExistsError(f"{run.out} already holds a training checkpoint: pass --resume to continue it, or "
                               "choose another --out")
+    if run.resume:
+        log(f"resuming from {latest}" if latest else f"no checkpoint in {run.out}, starting fresh")
     return latest if run.resume else None
+
+
+def resume_changes(run: RunConfig, checkpoint: str) -> dict:
+    """{field: (old, new)} between the checkpoint's run and this one. Refused, with the list, unless every changed
+    field is free to change (FREE_TO_CHANGE) or named in --allow-changes; the changes are printed."""
+    with open(os.path.join(checkpoint, "trainer_rank0.json")) as f:
+        before = json.load(f).get("config")
+    now = dataclasses.asdict(run)
+    allowed = {name.strip() for name in (run.allow_changes or "").split(",") if name.strip()}
+    unknown = sorted(allowed - set(now))
+    if unknown:
+        raise ValueError(f"--allow-changes names {', '.join(unknown)}, which are not fields of this run")
+    if before is None:  # a checkpoint written before runs recorded their config
+        log(f"warning: {checkpoint} does not record its run's flags; resuming without comparing them")
+        return {}
+    changes = {k: (before.get(k), v) for k, v in now.items() if k in before and before[k] != v}
+    refused = [k for k in changes if k not in FREE_TO_CHANGE | allowed]
+    if refused:
+        raise ValueError("--resume would change what the checkpoint's run used: " + "; ".join(
+            f"--{k.replace('_', '-')} {changes[k][0]!r} -> {changes[k][1]!r}" for k in refused)
+            + f". Pass --allow-changes {','.join(refused)} to apply them, or start a new --out")
+    for k, (old, new) in changes.items():
+        if k not in ("resume", "allow_changes"):
+            log(f"resume: --{k.replace('_', '-')} {old!r} -> {new!r}")
+    return changes
+
+
+def record_segment(path: str, key: str, run: RunConfig, step: int, changes: dict, **extra):
+    """Append this (re)start to the run's config file: what each segment of the run used, from which step."""
+    segments = []
+    if os.path.exists(path):
+        try:
+            with open(path) as f:
+                segments = json.load(f).get("segments", [])
+        except (OSError, ValueError, AttributeError):
+            log(f"warning: {path} is unreadable; starting its list of segments anew")
+    segments.append({"from_step": step, key: dataclasses.asdict(run),
+                     "changes": {k: list(v) for k, v in changes.items()}, **extra})
+    write_atomic(path, json.dumps({"segments": segments}, indent=2))
+
+
+class SaveSchedule:
+    """When to checkpoint: every save_every steps, at least every save_minutes, at the end, and at once on SIGTERM or
+    SIGINT (a cluster sends SIGTERM before it kills a preempted job; a second Ctrl-C interrupts). Every rank takes
+    the same decision: a signal or the clock of any rank counts for all."""
+
+    def __init__(self, run: RunConfig, device):
+        self.every, self.minutes, self.device = run.save_every, run.save_minutes, device
+        self.last, self.signal, self.previous = time.monotonic(), None, {}
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                self.previous[signum] = signal.signal(signum, self._on_signal)
+
+    def _on_signal(self, signum, frame):
+        if self.signal == signal.SIGINT and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signal = signum
+        log(f"\n{signal.Signals(signum).name}: saving a checkpoint after this step, then stopping")
+
+    def due(self, step: int, last_step: int):
+        """"signal", "end", "every", "time" or None for the step just finished."""
+        late = bool(self.minutes) and time.monotonic() - self.last > 60 * self.minutes
+        flags = all_reduce_sum(torch.tensor([float(self.signal is not None), float(late)], device=self.device))
+        if flags[0] > 0:
+            return "signal"
+        if step >= last_step:
+            return "end"
+        if self.every and step % self.every == 0:
+            return "every"
+        return "time" if flags[1] > 0 else None
+
+    def saved(self):
+        self.last = time.monotonic()
+
+    def close(self):
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+
+    def stop_message(self, step: int, out: str) -> str:
+        return (f"stopped by {signal.Signals(self.signal).name} after step {step}; checkpoint "
+                f"{latest_checkpoint(out)} saved — continue with --resume")
 
 
 def autocast_for(device, world: int):
@@ -582,88 +805,169 @@ def autocast_for(device, world: int):
     return torch.autocast("cpu", enabled=False)
 
 
-def train(tc: TrainConfig):
-    """Stage 1/2 pretraining or SFT, under torchrun or not: set up, then train_step until max_steps, logging every
-    step and saving every save_every steps and at the end. Returns the model."""
-    rank, world, device = setup_distributed()
-    if tc.dry_run:
-        if rank == 0:
-            dry_run(tc, tc.world_size or world)
-        return None
+@dataclass
+class Trainer:
+    """What one pretraining/SFT run holds between steps."""
+    tc: TrainConfig
+    rank: int
+    world: int
+    device: torch.device
+    cfg: M.Config
+    tokenizer: data.Tokenizer
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    loader: data.PackedLoader
+    step: int = 0
+    render_skipped: dict = field(default_factory=dict)  # reason -> count of samples that failed when rendered
+
+    def save(self):
+        """A training checkpoint of the current weights and the HF export beside it."""
+        running, self.loader.step = self.loader.step, self.step  # the data position of the step after this one
+        state = {"step": self.step, "data": self.loader.state_dict(), "render_skipped": self.render_skipped,
+                 "config": dataclasses.asdict(self.tc)}
+        self.loader.step = running  # the iterator (or its workers) has already moved on
+        save_training_state(self.model, self.optimizer, state, self.tc.out, self.step, self.rank,
+                            self.tc.keep_checkpoints)
+        export_hf(self.model, self.cfg, self.tokenizer, self.tc.out, self.rank)
+
+
+def setup(tc: TrainConfig) -> Trainer:
+    """Build the model, optimizer and data of a run, or restore them from its checkpoint (--resume)."""
+    rank, world, device = setup_distributed(tc.hang_timeout)
     if tc.global_batch % world:
         raise ValueError(f"--global-batch {tc.global_batch} must be a multiple of the number of processes ({world})")
     resume_from = checkpoint_to_resume(tc)
+    changes = resume_changes(tc, resume_from) if resume_from else {}
     cfg, state, tokenizer = initial_state(tc, rank)
     model = build_model(tc, cfg, state, device, world)
     del state
     optimizer = build_optimizer(model, tc, device)
     loader = data.PackedLoader(data_source(tc), tokenizer, tc.seq_len, tc.global_batch, rank=rank, world=world,
                                seed=tc.seed, num_workers=tc.num_workers)
-    step = 0
+    run = Trainer(tc, rank, world, device, cfg, tokenizer, model, optimizer, loader)
     if resume_from:
         trainer_state = load_training_state(model, optimizer, resume_from, rank)
-        step = trainer_state["step"]
-        loader.load_state_dict(trainer_state["data"])
-        log(f"resumed from {resume_from} at step {step}")
+        set_hyperparameters(optimizer, tc)  # the checkpoint's optimizer state, this run's (allowed) settings
+        run.step, run.render_skipped = trainer_state["step"], trainer_state.get("render_skipped", {})
+        if DATA_FIELDS & set(changes):  # new data: its stream starts at its beginning
+            loader.step, loader._starts = run.step, {run.step * tc.global_batch: 0}
+        else:
+            loader.load_state_dict(trainer_state["data"])
+        log(f"resumed from step {run.step}")
     if rank == 0:
-        write_atomic(os.path.join(tc.out, "train_config.json"), json.dumps(
-            {"train": dataclasses.asdict(tc), "model": cfg.to_hf(), "world_size": world}, indent=2))
-        log(json.dumps(dataclasses.asdict(tc)))
+        record_segment(os.path.join(tc.out, "train_config.json"), "train", tc, run.step, changes,
+                       model=cfg.to_hf(), world_size=world)
         log(f"{sum(p.numel() for p in model.parameters()):,} parameters on {world} × {device.type}; "
             f"{tc.global_batch} × {tc.seq_len} tokens per step")
-    metrics = Metrics(tc.out, rank, step)
-    autocast = autocast_for(device, world)
-    flops, peak = flops_per_token(cfg, tc.seq_len), peak_flops(device) * world
-    total_tokens, bad_in_a_row, skipped = 0, 0, 0
-    model.train()
-    bar = tqdm(total=tc.max_steps, initial=step, disable=rank != 0, desc=tc.stage, dynamic_ncols=True)
-    batches_iter = iter(loader)
-    while step < tc.max_steps:
-        start = time.perf_counter()
-        lr = lr_at(step, tc)
-        set_lr(optimizer, lr)
-        loss, grad_norm, local_tokens, ok = train_step(model, optimizer, next(batches_iter), device, world, autocast,
-                                                      tc.grad_clip)
-        tokens = int(all_reduce_sum(torch.tensor(float(local_tokens), device=device)).item())
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        seconds = time.perf_counter() - start
-        step += 1
-        total_tokens += tokens
-        bad_in_a_row, skipped = (0, skipped) if ok else (bad_in_a_row + 1, skipped + 1)
-        row = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": total_tokens,
-               "tok_per_s": tokens / seconds, "mfu": flops * tokens / seconds / peak if peak else None,
-               "skipped_steps": skipped, "seconds": seconds}
-        metrics.write(row)
-        check_finite(ok, bad_in_a_row, tc.max_bad_steps, f"step {step}: non-finite loss ({loss}) or gradient norm "
-                                                         f"({grad_norm})")
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{row['tok_per_s']:.0f}",
-                        **({"mfu": f"{row['mfu']:.1%}"} if peak else {}))
-        if step == tc.max_steps or (tc.save_every and step % tc.save_every == 0):
-            loader.step = step  # the data position of the next step: workers may have run ahead
-            save_training_state(model, optimizer, {"step": step, "data": loader.state_dict()}, tc.out, step, rank,
-                                tc.keep_checkpoints)
-            export_hf(model, cfg, tokenizer, tc.out, rank)
-    bar.close()
-    log(f"done: step {step}, loss {loss:.4f}; Hugging Face checkpoint in {tc.out}")
+    return run
+
+
+def data_report(run: Trainer, batches: list) -> dict:
+    """{reason: count} of the samples skipped so far (every rank agrees); stops the run when they are more than
+    --max-bad-data of the samples read, once an epoch or 100 samples give the share some meaning."""
+    for batch in batches:
+        for reason in batch.get("skipped", ()):
+            run.render_skipped[reason] = run.render_skipped.get(reason, 0) + 1
+    counts, examined = run.loader.bad_data(run.step - 1)
+    for part in gather_objects(run.render_skipped):
+        for reason, n in part.items():
+            counts[reason] = counts.get(reason, 0) + n
+    bad, size = sum(counts.values()), run.loader.source.size
+    if bad and examined >= min(100, size or 100) and bad / examined > run.tc.max_bad_data:
+        raise TrainingError(f"{bad} of the {examined} samples read so far could not be used ("
+                            + ", ".join(f"{n} {r}" for r, n in sorted(counts.items())) + f"): more than "
+                            f"--max-bad-data {run.tc.max_bad_data:g}; fix the data (the first are printed above)")
+    return counts
+
+
+def train(tc: TrainConfig):
+    """Stage 1/2 pretraining or SFT, under torchrun or not: train_step until max_steps, a metrics row per step.
+    Checkpoints (SaveSchedule) are validated: one that falls due is written during the next step, once its weights
+    gave a finite loss, so a diverging run never saves or rotates away good weights. Returns the model."""
+    if tc.dry_run:
+        rank, world, _ = setup_distributed(tc.hang_timeout)
+        if rank == 0:
+            dry_run(tc, tc.world_size or world)
+        return None
+    run = setup(tc)
+    metrics, schedule = Metrics(tc.out, run.rank, run.step), SaveSchedule(tc, run.device)
+    autocast = autocast_for(run.device, run.world)
+    flops, peak = flops_per_token(run.cfg, tc.seq_len), peak_flops(run.device) * run.world
+    total_tokens, bad_in_a_row, skipped, pending, loss = 0, 0, 0, None, float("nan")
+    run.model.train()
+    bar = tqdm(total=tc.max_steps, initial=run.step, disable=run.rank != 0, desc=tc.stage, dynamic_ncols=True)
+    batches_iter = iter(run.loader)
+
+    def save_if_good(ok: bool):  # called inside the step, while the weights are the ones a save fell due for
+        nonlocal pending
+        if pending is not None and ok:
+            run.step, pending = pending, None
+            run.save()
+            schedule.saved()
+            run.step += 1
+        elif pending is not None:
+            log(f"the weights of step {pending} gave a non-finite loss at step {pending + 1}: not saved")
+            pending = None
+
+    try:
+        while run.step < tc.max_steps:
+            heartbeat(tc.hang_timeout, f"step {run.step + 1}")
+            start = time.perf_counter()
+            batches = next(batches_iter)
+            lr = lr_at(run.step, tc)
+            set_lr(run.optimizer, lr)
+            run.step += 1  # save_if_good steps back to the pending step while it saves
+            loss, grad_norm, local_tokens, ok = train_step(run.model, run.optimizer, batches, run.device, run.world,
+                                                           autocast, tc.grad_clip, before_update=save_if_good)
+            tokens = int(all_reduce_sum(torch.tensor(float(local_tokens), device=run.device)).item())
+            if run.device.type == "cuda":
+                torch.cuda.synchronize()
+            seconds = time.perf_counter() - start
+            total_tokens += tokens
+            bad_in_a_row, skipped = (0, skipped) if ok else (bad_in_a_row + 1, skipped + 1)
+            bad_data = data_report(run, batches)
+            row = {"step": run.step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": total_tokens,
+                   "tok_per_s": tokens / seconds, "mfu": flops * tokens / seconds / peak if peak else None,
+                   "skipped_steps": skipped, "bad_data": bad_data, "seconds": seconds}
+            metrics.write(row)
+            check_finite(ok, bad_in_a_row, tc.max_bad_steps, f"step {run.step}: non-finite loss ({loss}) or "
+                                                               f"gradient norm ({grad_norm})", tc.out)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{row['tok_per_s']:.0f}", **(
+                {"mfu": f"{row['mfu']:.1%}"} if peak else {}), **({"bad": sum(bad_data.values())} if bad_data else {}))
+            reason = schedule.due(run.step, tc.max_steps)
+            if reason in ("signal", "end"):  # no next step to validate the weights: saved if they are finite
+                run.save()
+                if reason == "signal":
+                    teardown_distributed()
+                    raise SystemExit(schedule.stop_message(run.step, tc.out))
+            elif reason and ok:
+                pending = run.step
+    finally:
+        schedule.close()
+        bar.close()
+    log(f"done: step {run.step}, loss {loss:.4f}; Hugging Face checkpoint in {tc.out}")
     teardown_distributed()
-    return model
+    return run.model
 
 
-def check_finite(ok: bool, bad_in_a_row: int, max_bad_steps: int, what: str):
+def check_finite(ok: bool, bad_in_a_row: int, max_bad_steps: int, what: str, out: str):
     """The NaN/inf guard: a skipped update is logged; max_bad_steps of them in a row stop the run."""
     if ok:
         return
     log(f"{what}; update skipped")
     if bad_in_a_row >= max_bad_steps:
-        raise RuntimeError(f"{bad_in_a_row} steps in a row had a non-finite loss or gradient ({what}); stopping. "
-                           "Lower --lr, check the data, or resume from the last checkpoint.")
+        raise TrainingError(f"{bad_in_a_row} steps in a row had a non-finite loss or gradient ({what}); stopping. "
+                            f"The last good checkpoint: {latest_checkpoint(out) or 'none'} (its weights are also "
+                            "the export). Lower --lr, check the data, or --resume from it.")
 
 
 def main(argv=None, stage_defaults: dict = None, description: str = __doc__):
     args = build_parser(TrainConfig, description, stage_defaults).parse_args(argv)
-    train(config_from_args(args))
+    try:
+        train(config_from_args(args))
+    except (OSError, ValueError, TrainingError) as e:  # bad flags, files or data; divergence; a hung rank
+        sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":

@@ -126,7 +126,7 @@ def resolve(rc: RLConfig) -> RLConfig:
         raise ValueError(f"need 0 <= --clip-low < 1 and --clip-high >= 0, got {rc.clip_low}, {rc.clip_high}")
     if rc.max_expansion < 1:
         raise ValueError(f"--max-expansion must be at least 1, got {rc.max_expansion}")
-    if rc.temperature <= 0 or not 0 < rc.top_p <= 1:
+    if not rc.temperature > 0 or not 0 < rc.top_p <= 1:
         raise ValueError(f"rollouts need --temperature > 0 and 0 < --top-p <= 1, got {rc.temperature}, {rc.top_p}")
     return rc
 
@@ -531,17 +531,18 @@ class Run:
 
     def state_dict(self) -> dict:
         return {"step": self.step, "totals": self.totals, "curriculum": self.curriculum.state_dict(),
-                "expansion": self.expansion.factor}
+                "expansion": self.expansion.factor, "config": dataclasses.asdict(self.rc)}
 
 
 def setup(rc: RLConfig) -> Run:
     """Build the policy (and its rollout copy and optional reference), optimizer, pool and curriculum; resume."""
-    rank, world, device = pretrain.setup_distributed()
+    rank, world, device = pretrain.setup_distributed(rc.hang_timeout)
     if rc.groups_per_step % (rc.updates_per_batch * world):
         raise ValueError(f"--groups-per-step {rc.groups_per_step} must be a multiple of --updates-per-batch × "
                          f"processes ({rc.updates_per_batch} × {world}): every rank trains on the same number of "
                          "groups in every step")
     resume_from = pretrain.checkpoint_to_resume(rc)
+    changes = pretrain.resume_changes(rc, resume_from) if resume_from else {}
     if not rc.init_from:
         warnings.warn("rlcs.py without --init-from starts from random weights: RL needs an SFT checkpoint that "
                       "already answers in the <think>/<answer> format (run sft.py first)")
@@ -566,22 +567,23 @@ def setup(rc: RLConfig) -> Run:
               totals={"rollouts": 0, "rollout_tokens": 0, "optimizer_steps": 0, "skipped_updates": 0})
     if resume_from:
         state = pretrain.load_training_state(policy, optimizer, resume_from, rank)
+        pretrain.set_hyperparameters(optimizer, rc)  # the checkpoint's optimizer state, this run's settings
         run.step, run.totals = state["step"], state["totals"]
         curriculum.load_state_dict(state["curriculum"])
         run.expansion.factor = state["expansion"]
-        pretrain.log(f"resumed from {resume_from} at iteration {run.step}")
+        pretrain.log(f"resumed from iteration {run.step}")
     run.roller = rollout_model(policy, cfg, device, world)
     if rank == 0:
-        describe_run(run, grade_file if offline else None)
+        describe_run(run, grade_file if offline else None, changes)
     return run
 
 
-def describe_run(run: Run, grade_file):
-    """rl_config.json, and one line on what this run is."""
+def describe_run(run: Run, grade_file, changes: dict):
+    """rl_config.json (what each segment of the run used), and one line on what this run is."""
     rc, tiers = run.rc, run.curriculum.sizes.tolist()
-    pretrain.write_atomic(os.path.join(rc.out, "rl_config.json"), json.dumps(
-        {"rl": dataclasses.asdict(rc), "model": run.cfg.to_hf(), "world_size": run.world, "pool": len(run.pool),
-         "difficulty": grade_file, "tier_sizes": tiers}, indent=2))
+    pretrain.record_segment(os.path.join(rc.out, "rl_config.json"), "rl", rc, run.step, changes,
+                            model=run.cfg.to_hf(), world_size=run.world, pool=len(run.pool), difficulty=grade_file,
+                            tier_sizes=tiers)
     graded = f", offline grades from {grade_file}" if grade_file else ", no grade file (tiers from levels only)"
     pretrain.log(f"{sum(p.numel() for p in run.policy.parameters()):,} parameters on {run.world} × "
                  f"{run.device.type}; pool of {len(run.pool)} prompts{graded}; tiers {dict(zip(TIERS, tiers))}; "
@@ -702,41 +704,56 @@ def count(run: Run, batch: dict, updates: list) -> int:
     return bad
 
 
+def save(run: Run):
+    """A training checkpoint (with the curriculum, the expansion EMA and the counters) and the HF export."""
+    pretrain.save_training_state(run.policy, run.optimizer, run.state_dict(), run.rc.out, run.step, run.rank,
+                                 run.rc.keep_checkpoints)
+    pretrain.export_hf(run.policy, run.cfg, run.tokenizer, run.rc.out, run.rank)
+
+
 def train(rc: RLConfig):
-    """The RL loop, under torchrun or not: rollout → score → select → update → log, checkpoints every save_every
-    iterations and at the end. Returns the policy."""
+    """The RL loop, under torchrun or not: rollout → score → select → update → log; checkpoints by
+    pretrain.SaveSchedule (every save_every iterations, by time, on SIGTERM/SIGINT, at the end), but never after an
+    iteration whose updates were skipped as non-finite. Returns the policy."""
     run = setup(rc)
-    metrics = pretrain.Metrics(rc.out, run.rank, run.step)
+    metrics, schedule = pretrain.Metrics(rc.out, run.rank, run.step), pretrain.SaveSchedule(rc, run.device)
     bad_in_a_row = 0
     bar = tqdm(total=rc.max_steps, initial=run.step, disable=run.rank != 0, desc="rlcs", dynamic_ncols=True)
-    while not run.finished():
-        t0 = time.perf_counter()
-        batch = rollout_step(run)
-        t1 = time.perf_counter()
-        selection = select_step(run, batch)
-        lr = pretrain.lr_at(run.step, rc)
-        updates, update_tokens, logprob_seconds = update_step(run, batch, selection, lr)
-        if run.device.type == "cuda":
-            torch.cuda.synchronize()
-        t3 = time.perf_counter()
-        run.step += 1
-        bad = count(run, batch, updates)
-        bad_in_a_row = bad_in_a_row + bad if bad else 0
-        seconds = {"rollout": t1 - t0, "logprobs": logprob_seconds, "update": t3 - t1 - logprob_seconds}
-        row = metrics_row(run, batch, selection, updates, lr, update_tokens, seconds)
-        if rc.eval_every and run.step % rc.eval_every == 0:
-            row.update({f"eval_{k}": v for k, v in heldout_accuracy(run).items()})
-        metrics.write(row)
-        bar.update(1)
-        bar.set_postfix(reward=f"{row['reward']:.3f}", informative=f"{1 - row['invalid_group_rate']:.2f}",
-                        rollouts=run.totals["rollouts"])
-        pretrain.check_finite(not bad, bad_in_a_row, rc.max_bad_steps,
-                              f"iteration {run.step}: {bad} update(s) with a non-finite loss or gradient")
-        if run.finished() or (rc.save_every and run.step % rc.save_every == 0):
-            pretrain.save_training_state(run.policy, run.optimizer, run.state_dict(), rc.out, run.step, run.rank,
-                                         rc.keep_checkpoints)
-            pretrain.export_hf(run.policy, run.cfg, run.tokenizer, rc.out, run.rank)
-    bar.close()
+    try:
+        while not run.finished():
+            pretrain.heartbeat(rc.hang_timeout, f"iteration {run.step + 1}")
+            t0 = time.perf_counter()
+            batch = rollout_step(run)
+            t1 = time.perf_counter()
+            selection = select_step(run, batch)
+            lr = pretrain.lr_at(run.step, rc)
+            updates, update_tokens, logprob_seconds = update_step(run, batch, selection, lr)
+            if run.device.type == "cuda":
+                torch.cuda.synchronize()
+            t3 = time.perf_counter()
+            run.step += 1
+            bad = count(run, batch, updates)
+            bad_in_a_row = bad_in_a_row + bad if bad else 0
+            seconds = {"rollout": t1 - t0, "logprobs": logprob_seconds, "update": t3 - t1 - logprob_seconds}
+            row = metrics_row(run, batch, selection, updates, lr, update_tokens, seconds)
+            if rc.eval_every and run.step % rc.eval_every == 0:
+                row.update({f"eval_{k}": v for k, v in heldout_accuracy(run).items()})
+            metrics.write(row)
+            bar.update(1)
+            bar.set_postfix(reward=f"{row['reward']:.3f}", informative=f"{1 - row['invalid_group_rate']:.2f}",
+                            rollouts=run.totals["rollouts"])
+            pretrain.check_finite(not bad, bad_in_a_row, rc.max_bad_steps, f"iteration {run.step}: {bad} update(s) "
+                                  "with a non-finite loss or gradient", rc.out)
+            reason = schedule.due(run.step, rc.max_steps if not run.finished() else run.step)
+            if reason in ("signal", "end") or (reason and not bad):  # skipped updates left the weights as they were
+                save(run)
+                schedule.saved()
+            if reason == "signal":
+                pretrain.teardown_distributed()
+                raise SystemExit(schedule.stop_message(run.step, rc.out))
+    finally:
+        schedule.close()
+        bar.close()
     pretrain.log(f"done: iteration {run.step}, {run.totals['rollouts']:,} rollouts; Hugging Face checkpoint in "
                  f"{rc.out}")
     pretrain.teardown_distributed()
@@ -807,7 +824,7 @@ def main(argv=None):
     try:
         rc = config_from_args(build_parser().parse_args(argv))
         grade(rc) if rc.grade else train(rc)
-    except (OSError, ValueError) as e:  # missing or unwritable files, bad flags or data: one line, no traceback
+    except (OSError, ValueError, pretrain.TrainingError) as e:  # bad flags, files or data; divergence; hung rank
         sys.exit(f"error: {e}")
 
 

@@ -476,8 +476,8 @@ def parse_args(argv=None):
     for name in ("max_new_tokens", "max_seq_len"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
-    if args.temperature < 0:
-        p.error("--temperature must be >= 0")
+    if not math.isfinite(args.temperature) or args.temperature < 0:
+        p.error("--temperature must be a finite number >= 0")
     if not 0 < args.top_p <= 1:
         p.error("--top-p must be in (0, 1]")
     if args.think_budget is not None and args.think_budget < 0:

@@ -510,7 +510,7 @@ def test_grade_writes_pass_rates_of_every_pool_item(rl_run):
 
 def test_training_logs_every_metric_and_its_held_out_accuracy(rl_run):
     grades, out, _ = rl_run
-    info = json.load(open(out / "rl_config.json"))
+    info = json.load(open(out / "rl_config.json"))["segments"][-1]
     assert info["difficulty"] == str(grades) and sum(info["tier_sizes"]) == 8
     rows = metrics(out)
     assert len(rows) == 3 and "eval_choice" in rows[-1] and "eval_choice" not in rows[0]

@@ -141,10 +141,10 @@ def test_export_loads_everywhere_and_sft_trains_on_assistant_tokens(tmp_path):
 def test_nan_guard_skips_then_stops(tmp_path, monkeypatch):
     step = pretrain.train_step
 
-    def poisoned(model, optimizer, batches, *args):
+    def poisoned(model, optimizer, batches, *args, **kwargs):
         with torch.no_grad():
             next(model.parameters()).fill_(float("nan"))
-        return step(model, optimizer, batches, *args)
+        return step(model, optimizer, batches, *args, **kwargs)
 
     monkeypatch.setattr(pretrain, "train_step", poisoned)
     with pytest.raises(RuntimeError, match="3 steps in a row"):
