@@ -952,8 +952,27 @@ def _same_value(pred, truth, rel_tol):
         return False
     if kind in ("tuple", "rel"):
         return all(_same_value(p, t, rel_tol) for p, t in zip(items, truth_items))
-    candidates = [[j for j, t in enumerate(truth_items) if _same_value(p, t, rel_tol)] for p in items]
+    # Sorted by value, equal multisets almost always pair up in order (O(n log n)); else a maximum matching.
+    if all(_same_value(p, t, rel_tol) for p, t in zip(sorted(items, key=_order), sorted(truth_items, key=_order))):
+        return True
+    candidates = []
+    for p in items:
+        candidates.append([j for j, t in enumerate(truth_items) if _same_value(p, t, rel_tol)])
+        if not candidates[-1]:
+            return False
     return _max_matching(candidates, len(truth_items)) == len(truth_items)
+
+
+def _order(value):
+    """A sort key of answer values: scalars by their float value (±inf beyond the float range), then structures."""
+    if isinstance(value, tuple):
+        return (1, value[0], value[1], tuple(_order(v) for v in value[2]))
+    if isinstance(value, _Infinity):
+        return (0, math.inf * value.sign)
+    try:
+        return (0, float(value))
+    except OverflowError:
+        return (0, math.inf if value > 0 else -math.inf)
 
 
 def _same_reading(pred, truth, rel_tol):
@@ -1133,8 +1152,8 @@ def edit_distance(a, b):
     return distance
 
 
-OCR_CHUNK = 1024                         # chunk length of the bounded edit distance of long OCR transcriptions
-OCR_CHUNKED_CHARS = 1 << 14              # beyond this many differing characters, the bound is the longer length
+OCR_CHUNK = 256                          # piece length of the bounded edit distance of long OCR transcriptions
+OCR_CHUNK_BUDGET = 1 << 14               # characters of differing pieces compared exactly (~20 ms); beyond, a bound
 
 
 def _common_prefix(a, b):
@@ -1151,24 +1170,37 @@ def _common_prefix(a, b):
 
 def _ocr_distance(a, b):
     """The edit distance of two OCR strings while it is cheap, else an upper bound of it, so that a long transcription
-    is never paid more than it earns. The common prefix and suffix are free; the differing middles are compared
-    exactly when their n·m ≤ OCR_EXACT_CELLS, else in OCR_CHUNK-long pieces cut at the same proportions (the pieces'
-    alignments together align the whole, so their distances sum to at least the distance), and beyond
-    OCR_CHUNKED_CHARS the bound is the longer middle's length."""
+    is never paid more than it earns: the common prefix and suffix are free, and the differing middles are compared
+    exactly when their n·m ≤ OCR_EXACT_CELLS, else piece by piece (_pieces_distance)."""
     if a == b:
         return 0
     start = _common_prefix(a, b)
     a, b = a[start:], b[start:]
     end = _common_prefix(a[::-1], b[::-1])
     a, b = a[:len(a) - end], b[:len(b) - end]
-    longest = max(len(a), len(b))
     if len(a) * len(b) <= OCR_EXACT_CELLS:
         return edit_distance(a, b)
-    if longest > OCR_CHUNKED_CHARS:
-        return longest
-    pieces = -(-longest // OCR_CHUNK)
-    return sum(edit_distance(a[i * len(a) // pieces:(i + 1) * len(a) // pieces],
-                             b[i * len(b) // pieces:(i + 1) * len(b) // pieces]) for i in range(pieces))
+    return _pieces_distance(a, b)
+
+
+def _pieces_distance(a, b):
+    """An upper bound of the edit distance of two long strings. a is cut every OCR_CHUNK characters, b where the 16
+    characters after each cut of a are found again near where they should be (else one chunk after its last cut).
+    Equal pieces cost nothing; differing ones their exact distance while OCR_CHUNK_BUDGET characters last, then their
+    longer length. The pieces' alignments together are an alignment of the whole, so the sum bounds the distance."""
+    cuts_a, cuts_b, reach = list(range(0, len(a), OCR_CHUNK))[1:] + [len(a)], [0], 4 * OCR_CHUNK
+    for cut in cuts_a[:-1]:
+        expected = min(cuts_b[-1] + OCR_CHUNK, len(b))
+        found = b.find(a[cut:cut + 16], max(cuts_b[-1], expected - reach), expected + reach + 16)
+        cuts_b.append(found if found >= 0 else expected)
+    cuts_b.append(len(b))
+    total, budget = 0, OCR_CHUNK_BUDGET
+    for a0, a1, b0, b1 in zip([0] + cuts_a, cuts_a, cuts_b, cuts_b[1:]):
+        x, y = a[a0:a1], b[b0:b1]
+        if x != y:
+            total += edit_distance(x, y) if budget > 0 else max(len(x), len(y))
+            budget -= max(len(x), len(y))
+    return total
 
 
 _BOX_CHARACTERS = re.compile(r"[0-9.,\[\]()\s-]*", re.ASCII)
@@ -1452,6 +1484,7 @@ _UNIT_TOKEN = re.compile(r"""\s*(?: (?P<name>[A-Za-z]+) | (?P<op>[/*·()])
     | (?P<bare>[-+]?[0-9]+) )""", re.VERBOSE)
 _UNIT_START = re.compile(r"(?<![\\A-Za-z])(?:[A-Za-z]|\((?=\s*[A-Za-z]))")  # 25% stays a number: 0.25 or 25
 MAX_UNIT_TOKENS = 24
+MAX_QUANTITY_CHARS = 512                 # a physical quantity is a number and a unit, not a paragraph
 
 
 def _unit_text(text):
@@ -1538,6 +1571,8 @@ def _quantity(text):
     """(values in SI units, dimensions, values as written, whether a unit was written) of a physical answer —
     "9.8 m/s^2", "1.5 \\times 10^{3}\\,\\text{m}", "25 °C", "0.1 M" — or None. The unit is the longest tail that
     reads as one, and the rest must be one number; a lone °C or °F is an absolute temperature."""
+    if len(text) > MAX_QUANTITY_CHARS:
+        return None
     text = _unit_text(text)
     for m in _UNIT_START.finditer(text):
         try:
