@@ -9,20 +9,36 @@ Design (the algorithmic choices, top to bottom):
   `<|begin_of_box|>X<|end_of_box|>` inside the answer, optionally followed by one end-of-turn token. Only X is
   graded; anything malformed scores 0. Format is learned in SFT and not rewarded in RL (paper §5).
 * Verifiers, as in paper Table 1: math — value equality, relative tolerance 1e-6; choice — exactly one letter;
-  ocr — 1 − edit distance / max length; counting — exact integer; chart — relative tolerance 2.5e-2, but integers
-  1000–3000 are years and must match exactly; grounding — fraction of truth boxes matched one-to-one with
-  IoU ≥ 0.5, divided by max(#truth, #predicted) so spraying boxes does not pay; gui — the action type must match,
-  then box IoU ≥ 0.5 / text equality; video_grounding — temporal IoU, 0 below 0.5 (the video's length is unknown,
-  so this threshold is what makes a whole-video segment worthless, as IoU ≥ 0.5 does for a whole-image box).
+  ocr — 1 − edit distance / max length (exact while n·m ≤ 2^24, else an upper bound of the distance from anchored
+  pieces, so a 64k-character transcription costs milliseconds and is never overpaid); counting — exact integer;
+  chart — relative tolerance 2.5e-2, but integers 1000–3000 are years and must match exactly; grounding — fraction
+  of truth boxes matched one-to-one with IoU ≥ 0.5, divided by max(#truth, #predicted) so spraying boxes does not
+  pay; gui — the action type must match, then box IoU ≥ 0.5 (or a clicked point inside the truth box, or within
+  20 of a truth point) / text equality, in JSON or in GLM-4.1V's own action formats; video_grounding — temporal
+  IoU, 0 below 0.5 (the video's length is unknown, so this threshold is what makes a whole-video segment
+  worthless, as IoU ≥ 0.5 does for a whole-image box); vqa — the VQA evaluation's normalised exact match against
+  any of a JSON list of answers, numbers by value; physics / chemistry — same dimensions and the number within
+  1e-2 after both sides are converted to SI (1500 m = 1.5 km; a missing unit scores 0); multi_image — the
+  verifier of the sub-task named in the truth. A math, chart or physics truth that cannot be read is compared as
+  normalised text, so an identical reply still scores 1.
 * Model text never reaches eval, exec, sympify or parse_expr. Math goes through a small recursive-descent parser of
   our own (ASCII tokens only, ≤ MAX_TOKENS tokens, nesting ≤ MAX_DEPTH) into a tuple AST; `to_sympy` turns that
   AST into SymPy objects (for the CLI and the tests), while equality is decided by exact rational arithmetic
-  (fractions.Fraction), with floats only for irrational values (√, π). That is ~30× faster than SymPy on the hot
-  path, and every intermediate is capped at MAX_BITS bits, so `9**9**9**9` or `10^{10^{10}}` is rejected in
-  microseconds. Expressions with letters are compared at three fixed random rational points (Schwartz–Zippel)
-  instead of calling simplify().
-* Hedges earn nothing because they do not parse: words ("or", "between"), lists, ±, inequalities, ranges, several
-  option letters. A trailing % may be read either as the fraction (50% = 0.5) or as the percentage (50), never more.
+  (fractions.Fraction) wherever the value is rational — k-th roots by integer Newton, log_b x when x is a power of
+  b — and every intermediate is capped at MAX_BITS bits, so `9**9**9**9` or `10^{10^{10}}` is rejected in
+  microseconds. Irrational values (π, e, √2, sin, ln) are floats that carry a bound on their error, and floats
+  decide a comparison only when the bounds make it certain; the rest (sin π vs 0, but also ln(10^{20}+1) −
+  ln(10^{20}) = 10^{-20} vs 0) is re-evaluated from the AST in rigorous mpmath intervals at 200 bits, where
+  residue of a true 0 stays below ~10^{-41} and a value that cancelled in floats is resolved. That is ~30× faster
+  than SymPy on the hot path.
+  Expressions with letters are compared at three fixed random rational points (Schwartz–Zippel) instead of
+  calling simplify(); e is Euler's number unless the truth uses it as a variable (a + b + e).
+* Answers may be tuples and intervals (compared element-wise, brackets must match), sets and bare lists (as
+  multisets), unions of intervals, ± pairs, and inequalities (x > 3 equals 3 < x, x ≥ 2 is not x > 2).
+* Hedges earn nothing: words ("or", "between") do not parse, and a list, a ± pair, an interval or an inequality is
+  never equal to a single value; a number right before \\frac (2\\frac{1}{2}, −2\\frac{1}{2}) is unreadable. A
+  trailing % may be read either as the fraction (50% = 0.5) or as the percentage (50), never more; a degree sign as
+  degrees or radians (30° = 30 or π/6).
 * `score(..., lenient=True)` is the deliberately weak verifier of paper §5 — kept tiny at the end of the file to
   reproduce the reward-hacking collapse (issue 9). Never train with it otherwise.
 """
@@ -50,7 +66,10 @@ YEARS = (1000, 3000)                     # ... except integers in this range, wh
 IOU_THRESHOLD = 0.5                      # grounding and GUI boxes; also the floor of temporal IoU
 COORD_MAX = 1000                         # boxes are [x1, y1, x2, y2] in 0–1000 coordinates (SPEC §1)
 MAX_SECONDS = 1e6                        # video timestamps beyond ~11 days are nonsense
-MATH_ABS_FLOOR = 1e-9                    # an inexact value's error bound may be this large near 0 (sin π = 0)
+MATH_ABS_FLOOR = 1e-9                    # an inexact value's error bound may be this large near 0 (sin π = 0) ...
+PRECISE_BITS = 200                       # ... unless mpmath intervals at this precision decide (see _close)
+PRECISE_AGREEMENT = 2.0 ** -136          # intervals that still overlap count as equal if this close (~1e-41)
+PRECISE_NODES = 256                      # AST nodes (or ¼ comparisons) re-evaluated per score (sin: ~60 µs)
 UNITS_REL_TOL = Fraction(1, 100)         # physics/chemistry numbers, after conversion to SI units (see verify_units)
 GUI_POINT_RADIUS = 20                    # a clicked point this close to a truth point hits it (GLM-V's OSWorld judge)
 
@@ -168,8 +187,8 @@ def _unwrap(text):
 #
 # Scalar AST nodes: ("number", Fraction) ("var", letter) ("pi",) ("e",) ("inf",) ("neg", a) ("pct", a) ("deg", a)
 # ("root", n, a) ("func", name, a) ("log", base, a) and binary ("add"|"sub"|"mul"|"div"|"pow", a, b) and
-# ("pm"|"mp", a, b) for a ± b, a ∓ b. Whole answers may also be ("tuple", open, close, items) — tuples and intervals,
-# brackets kept — ("set", items) for \{…\} and bare lists, ("union", items) and ("rel", ops, sides).
+# ("pm"|"mp", a, b) for a ± b, a ∓ b. Whole answers may also be ("tuple", open, close, items) — tuples and
+# intervals, brackets kept — ("set", items) for \{…\} and bare lists, ("union", items) and ("rel", ops, sides).
 # Grammar, lowest precedence first:
 #   answer  := [letter ('=' | \in)] (item (',' item)* | expr (relop expr)+)     "x = 5", "x \in [1, 2)", "x > 3"
 #   item    := expr (\cup expr)*
@@ -484,7 +503,7 @@ class _MathParser:
         return tuple(items)
 
     def brackets(self, opening):
-        """(expr) is a group; (a, b, …) and [a, b, …] are tuples; (a, b], [a, b) are intervals: brackets are kept."""
+        """(expr) is a group; (a, b, …), [a, b, …] are tuples; (a, b], [a, b) are intervals; brackets are kept."""
         items = self.items(")", "]")
         closing = self.tokens[self.pos - 1][0]
         if len(items) == 1:
@@ -557,14 +576,14 @@ class _Approx:
     """An inexact real: a float and a bound on its absolute error, propagated through every operation.
 
     Only irrational values (π, e, √2, sin 1, ln 2 ...) are inexact. The bound is what lets float residue equal an
-    exact 0 (sin π, 0.1π + 0.2π − 0.3π), and what refuses a value that cancelled inside floats: 10^{20}·(√(1+10^{-20})
-    − 1) computes as 0 with a bound of ~10^4, which equals nothing."""
-    __slots__ = ("value", "error")
+    exact 0 (sin π, 0.1π + 0.2π − 0.3π), and what refuses a value that cancelled inside floats:
+    10^{20}·(√(1 + 10^{-20}) − 1) computes as 0 with a bound of ~10^4, which equals nothing."""
+    __slots__ = ("value", "error", "source", "precise")  # source: (AST, env) of a whole scalar, see _close
 
     def __init__(self, value, error):
         if not (math.isfinite(value) and math.isfinite(error)):
             raise _Unreadable("not finite")
-        self.value, self.error = value, error
+        self.value, self.error, self.source, self.precise = value, error, None, None
 
     def __eq__(self, other):
         return isinstance(other, _Approx) and (self.value, self.error) == (other.value, other.error)
@@ -844,6 +863,14 @@ def _evaluate(node, env):
     return _BINARY[kind](a, b)
 
 
+def _tagged(value, node, env):
+    """value; if inexact, a copy that remembers the scalar expression it came from (for _close_precisely)."""
+    if isinstance(value, _Approx):
+        value = _Approx(value.value, value.error)
+        value.source = (node, env)
+    return value
+
+
 def _has_pm(node):
     return node[0] in ("pm", "mp") or any(isinstance(c, tuple) and _has_pm(c) for c in node[1:])
 
@@ -854,8 +881,9 @@ def _element(node, env):
     if node[0] == "tuple":
         return (_structure(node, env),)
     if not _has_pm(node):
-        return (_evaluate(node, env),)
-    return tuple(_evaluate(node, {**env, "±": sign}) for sign in (1, -1))
+        return (_tagged(_evaluate(node, env), node, env),)
+    envs = ({**env, "±": sign} for sign in (1, -1))
+    return tuple(_tagged(_evaluate(node, e), node, e) for e in envs)
 
 
 def _structure(node, env):
@@ -863,8 +891,8 @@ def _structure(node, env):
     (tag: its operators). A bare list, \\{…\\} and a ± pair are all sets."""
     kind = node[0]
     if kind == "tuple":
-        return ("tuple", node[1] + node[2], tuple(_structure(i, env) if i[0] == "tuple" else _evaluate(i, env)
-                                                  for i in node[3]))
+        return ("tuple", node[1] + node[2], tuple(_structure(i, env) if i[0] == "tuple" else
+                                                  _tagged(_evaluate(i, env), i, env) for i in node[3]))
     if kind == "set":
         return ("set", "", tuple(v for item in node[1] for v in _element(item, env)))
     if kind == "union":
@@ -873,7 +901,7 @@ def _structure(node, env):
             raise _Unreadable("a union of something other than intervals")
         return ("union", "", members)
     if kind == "rel":
-        return ("rel", node[1], tuple(_evaluate(s, env) for s in node[2]))
+        return ("rel", node[1], tuple(_tagged(_evaluate(s, env), s, env) for s in node[2]))
     values = _element(node, env)
     return values[0] if len(values) == 1 else ("set", "", values)
 
@@ -925,39 +953,154 @@ def _e_is_a_variable(text):
     return parser.uses_e and bool(parser.variables) and not parser.e_as_base
 
 
-def _close(a, b, rel_tol):
-    """Scalars within rel_tol: exactly for two Fractions. For an inexact value the error bound must be small (a tenth
-    of the tolerance, or MATH_ABS_FLOOR, which is what lets sin π equal 0), and the difference may then be as large
-    as tolerance plus bound."""
+def _close(a, b, rel_tol, budget=None):
+    """Scalars within rel_tol: exactly for two Fractions. With an inexact side, floats decide when their error bounds
+    do (apart or within even with every error against them); else _close_precisely re-evaluates both sides (budget:
+    [AST nodes it may evaluate], None for floats only), and if it cannot, the float rule: the bound must be small (a
+    tenth of the tolerance, or MATH_ABS_FLOOR near 0) and the difference at most tolerance plus bound."""
     if isinstance(a, Fraction) and isinstance(b, Fraction):
         return a == b or abs(a - b) <= rel_tol * max(abs(a), abs(b))
     if isinstance(a, _Infinity) or isinstance(b, _Infinity):
         return a == b
     try:
-        a, b = _inexact(a), _inexact(b)
+        x, y = _inexact(a), _inexact(b)
     except OverflowError:
         return False
-    tolerance = float(rel_tol) * max(abs(a.value), abs(b.value))
-    bound = a.error + b.error
-    return bound <= tolerance / 10 + MATH_ABS_FLOOR and abs(a.value - b.value) <= tolerance + bound
+    tolerance = float(rel_tol) * max(abs(x.value), abs(y.value))
+    bound, difference = x.error + y.error, abs(x.value - y.value)
+    if difference > tolerance + bound:
+        return False
+    if difference + bound <= tolerance:
+        return True
+    decided = None if budget is None else _close_precisely(a, b, rel_tol, budget)
+    return decided if decided is not None else bound <= tolerance / 10 + MATH_ABS_FLOOR
 
 
-def _same_value(pred, truth, rel_tol):
+def _close_precisely(a, b, rel_tol, budget):
+    """Decide what floats could not (sin π vs 0, but also ln(10^{20}+1) − ln(10^{20}) = 10^{-20} vs 0): both sides
+    re-evaluated from their ASTs as rigorous mpmath intervals at PRECISE_BITS. True or False where the intervals
+    decide; where they still overlap, True only if they agree to PRECISE_AGREEMENT (residue, as in sin π); None when
+    a side cannot be re-evaluated (no AST, a complex intermediate, budget spent)."""
+    from mpmath import iv  # lazily, like SymPy: only undecided comparisons need it
+
+    budget[0] -= 4  # a comparison costs about as much as four re-evaluated nodes
+    if budget[0] < 0:
+        return None
+    saved = iv.prec
+    try:
+        iv.prec = PRECISE_BITS
+        x, y = _precise_value(a, budget), _precise_value(b, budget)
+        difference, tolerance = abs(x - y), iv.mpf(rel_tol.numerator) / rel_tol.denominator
+        low, high = (tolerance * max(abs(x).a, abs(y).a)), (tolerance * max(abs(x).b, abs(y).b))
+        if difference.b <= low:
+            return True
+        if difference.a > high:
+            return False
+        return bool(difference.b <= high + PRECISE_AGREEMENT * (1 + max(abs(x).b, abs(y).b)))
+    except (ArithmeticError, ValueError, TypeError):  # mpmath's ComplexResult is a ValueError
+        return None
+    finally:
+        iv.prec = saved
+
+
+def _precise_value(value, budget):
+    from mpmath import iv
+
+    if isinstance(value, Fraction):
+        return iv.mpf(value.numerator) / value.denominator
+    if value.precise is None:
+        if value.source is None:
+            raise _Unreadable("no expression to re-evaluate")
+        value.precise = _interval(*value.source, budget)
+    return value.precise
+
+
+def _interval(node, env, budget):
+    """A scalar AST as an mpmath interval at the current iv.prec (rigorous bounds), counting nodes against budget."""
+    from mpmath import iv
+
+    budget[0] -= 1
+    if budget[0] < 0:
+        raise _Unreadable("precise budget spent")
+    kind = node[0]
+    if kind in ("number", "var"):
+        x = node[1] if kind == "number" else env[node[1]]
+        return iv.mpf(x.numerator) / x.denominator
+    if kind in ("pi", "e"):
+        return +iv.pi if kind == "pi" else iv.exp(1)
+    if kind in ("neg", "pct", "deg"):
+        x = _interval(node[1], env, budget)
+        return -x if kind == "neg" else x / 100 if kind == "pct" else x if env["°"] == 1 else x * iv.pi / 180
+    if kind == "root":
+        return _iv_power(_interval(node[2], env, budget), 1 / _evaluate(node[1], env))
+    if kind == "func":
+        return _iv_function(node[1], _interval(node[2], env, budget))
+    if kind == "log":
+        return iv.log(_interval(node[2], env, budget)) / iv.log(_interval(node[1], env, budget))
+    if kind == "pow" and node[1] == ("e",):
+        return iv.exp(_interval(node[2], env, budget))
+    a, b = _interval(node[1], env, budget), _interval(node[2], env, budget)
+    if kind == "pow":
+        exponent = _evaluate(node[2], env)
+        return _iv_power(a, exponent if isinstance(exponent, Fraction) else b)
+    if kind in ("pm", "mp"):
+        return a + b if (env["±"] > 0) == (kind == "pm") else a - b
+    return {"add": lambda: a + b, "sub": lambda: a - b, "mul": lambda: a * b, "div": lambda: a / b}[kind]()
+
+
+def _iv_power(x, exponent):
+    """x ** exponent for an interval x, with _power's sign rules for an exact rational exponent."""
+    from mpmath import iv
+
+    if not isinstance(exponent, Fraction):
+        return x ** exponent
+    p, q = exponent.numerator, exponent.denominator
+    if q == 1:
+        return x ** p
+    if x.a < 0:  # (-8)^{1/3} = -2: an odd root of an interval wholly below 0
+        if q % 2 == 0 or x.b >= 0:
+            raise _Unreadable("not real here")
+        magnitude = (-x) ** (iv.mpf(p) / q)
+        return -magnitude if p % 2 else magnitude
+    return x ** (iv.mpf(p) / q)
+
+
+def _iv_function(name, x):
+    """\\sin … \\exp of an interval; arcsin, arccos, arctan (monotone, with no interval version in mpmath) from
+    their values at the ends, computed 32 bits finer and widened by more than that error."""
+    from mpmath import iv, mp
+
+    if name in ("ln", "log", "lg"):
+        return iv.log(x) / (iv.log(10) if name == "lg" else 1)
+    if name in ("sin", "cos", "tan", "cot", "sec", "csc", "exp"):
+        return getattr(iv, name)(x)
+    with mp.workprec(iv.prec + 32):
+        f = getattr(mp, "a" + name[3:])
+        ends = [f(mp.mpf(x.a)), f(mp.mpf(x.b))]
+        if not all(isinstance(v, mp.mpf) for v in ends):
+            raise _Unreadable("outside the function's domain")
+        low, high = min(ends), max(ends)
+        slack = mp.mpf(2) ** -iv.prec * (1 + abs(low) + abs(high))
+        return iv.mpf([low - slack, high + slack])
+
+
+def _same_value(pred, truth, rel_tol, budget=None):
     """Answers agree: scalars within tolerance; tuples, intervals and relations element by element, with the same
     brackets and operators; sets and unions as multisets (a one-to-one matching of agreeing elements)."""
     if not isinstance(pred, tuple) or not isinstance(truth, tuple):
-        return not isinstance(pred, tuple) and not isinstance(truth, tuple) and _close(pred, truth, rel_tol)
+        return not isinstance(pred, tuple) and not isinstance(truth, tuple) and _close(pred, truth, rel_tol, budget)
     (kind, tag, items), (truth_kind, truth_tag, truth_items) = pred, truth
     if (kind, tag, len(items)) != (truth_kind, truth_tag, len(truth_items)):
         return False
     if kind in ("tuple", "rel"):
-        return all(_same_value(p, t, rel_tol) for p, t in zip(items, truth_items))
+        return all(_same_value(p, t, rel_tol, budget) for p, t in zip(items, truth_items))
     # Sorted by value, equal multisets almost always pair up in order (O(n log n)); else a maximum matching.
-    if all(_same_value(p, t, rel_tol) for p, t in zip(sorted(items, key=_order), sorted(truth_items, key=_order))):
+    if all(_same_value(p, t, rel_tol, budget) for p, t in zip(sorted(items, key=_order),
+                                                               sorted(truth_items, key=_order))):
         return True
     candidates = []
     for p in items:
-        candidates.append([j for j, t in enumerate(truth_items) if _same_value(p, t, rel_tol)])
+        candidates.append([j for j, t in enumerate(truth_items) if _same_value(p, t, rel_tol, budget)])
         if not candidates[-1]:
             return False
     return _max_matching(candidates, len(truth_items)) == len(truth_items)
@@ -975,10 +1118,10 @@ def _order(value):
         return (0, math.inf if value > 0 else -math.inf)
 
 
-def _same_reading(pred, truth, rel_tol):
+def _same_reading(pred, truth, rel_tol, budget=None):
     if len(pred) != len(truth):  # one side has letters, the other has not: compare the constant at every point
         pred, truth = (pred * 3)[:3], (truth * 3)[:3]
-    return all(_same_value(p, t, rel_tol) for p, t in zip(pred, truth))
+    return all(_same_value(p, t, rel_tol, budget) for p, t in zip(pred, truth))
 
 
 def to_sympy(node):
@@ -1090,7 +1233,7 @@ def _math_truth(text):
     readings = math_readings(text, e_variable)
     if readings is not None:
         return readings, e_variable, None
-    plain = _plain(text)
+    plain = _plain(text, casefold=True)
     return (None, None, plain) if plain else None
 
 
@@ -1455,7 +1598,8 @@ _UNITS = {  # symbol -> (scale to SI, dimensions, whether it takes an SI prefix)
     "mmHg": (Fraction("133.322387415"), _PRESSURE, False), "Torr": (Fraction(101325, 760), _PRESSURE, False),
     "mi": (Fraction("1609.344"), _LENGTH, False), "ft": (Fraction("0.3048"), _LENGTH, False),
     "mph": (Fraction("0.44704"), _dims(m=1, s=-1), False), "deg": (_div(_PI, Fraction(180)), _dims(rad=1), False),
-    "percent": (Fraction(1, 100), _dims(), False), "degC": (1, _dims(K=1), False), "degF": (Fraction(5, 9), _dims(K=1), False),
+    "percent": (Fraction(1, 100), _dims(), False), "degC": (1, _dims(K=1), False),
+    "degF": (Fraction(5, 9), _dims(K=1), False),
 }
 _TEMPERATURE_ZERO = {"degC": Fraction("273.15"), "degF": Fraction("273.15") - Fraction(160, 9)}  # alone: absolute
 _PREFIXES = {"T": 10**12, "G": 10**9, "M": 10**6, "k": 1000, "h": 100, "d": Fraction(1, 10), "c": Fraction(1, 100),
@@ -1618,12 +1762,13 @@ def _multi_image_truth(text):
 
 def verify_math(pred, truth):
     readings, e_variable, plain = truth
-    if readings is None:  # a truth the parser cannot read: normalised string equality
-        return float(_plain(pred) == plain)
+    if readings is None:  # a truth the parser cannot read ("\\text{odd}"): normalised, case-folded text equality
+        return float(_plain(pred, casefold=True) == plain)
     pred_readings = math_readings(pred, e_variable)  # e is read as the truth reads it
     if pred_readings is None:
         return 0.0
-    return float(any(_same_reading(p, t, MATH_REL_TOL) for p in pred_readings for t in readings))
+    budget = [PRECISE_NODES]
+    return float(any(_same_reading(p, t, MATH_REL_TOL, budget) for p in pred_readings for t in readings))
 
 
 def verify_choice(pred, truth):
@@ -1644,12 +1789,12 @@ def verify_chart(pred, truth):
     truth, plain = truth
     if truth is None:  # a label, not a number: case-insensitive normalised string equality
         return float(_plain(pred, casefold=True) == plain)
-    readings = _number_readings(pred)
+    readings, budget = _number_readings(pred), [PRECISE_NODES]
     if readings is None:
         return 0.0
     for t in truth:
         is_year = isinstance(t, Fraction) and t.denominator == 1 and YEARS[0] <= t <= YEARS[1]
-        if any(p == t if is_year else _close(p, t, CHART_REL_TOL) for p in readings):
+        if any(p == t if is_year else _close(p, t, CHART_REL_TOL, budget) for p in readings):
             return 1.0
     return 0.0
 
@@ -1692,10 +1837,10 @@ def _gui_argument_matches(action, key, want):
 def verify_vqa(pred, truth):
     """Any acceptable answer matches: by value when both are numbers (so "-5" is not "5"), else by VQA-normalised
     text. A hedge ("yes or no", "2 or 3") matches nothing."""
-    normal, values = _vqa_key(pred)
+    (normal, values), budget = _vqa_key(pred), [PRECISE_NODES]
     for truth_normal, truth_values in truth:
         if values is not None and truth_values is not None:
-            if any(_close(p, t, MATH_REL_TOL) for p in values for t in truth_values):
+            if any(_close(p, t, MATH_REL_TOL, budget) for p in values for t in truth_values):
                 return 1.0
         elif normal == truth_normal:
             return 1.0
@@ -1709,14 +1854,10 @@ def verify_units(pred, truth):
     if truth[0] is None:
         return float(_plain(pred) == truth[1])
     values, dims, _, has_unit = truth
-    got = _quantity(pred)
-    if got is None:
+    got, budget = _quantity(pred), [PRECISE_NODES]
+    if got is None or (has_unit and got[1] != dims):  # a missing or different unit
         return 0.0
-    if has_unit:
-        if got[1] != dims:
-            return 0.0  # a missing or different unit
-        return float(any(_close(p, t, UNITS_REL_TOL) for p in got[0] for t in values))
-    return float(any(_close(p, t, UNITS_REL_TOL) for p in got[2] for t in values))
+    return float(any(_close(p, t, UNITS_REL_TOL, budget) for p in got[0 if has_unit else 2] for t in values))
 
 
 def verify_multi_image(pred, truth):
