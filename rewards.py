@@ -1295,8 +1295,8 @@ def edit_distance(a, b):
     return distance
 
 
-OCR_CHUNK = 256                          # piece length of the bounded edit distance of long OCR transcriptions
-OCR_CHUNK_BUDGET = 1 << 14               # characters of differing pieces compared exactly (~20 ms); beyond, a bound
+OCR_CHUNK = 64                           # piece length of the bounded edit distance of long OCR transcriptions
+OCR_CHUNK_BUDGET = 1 << 14               # differing characters of pieces compared exactly (~20 ms); beyond, a bound
 
 
 def _common_prefix(a, b):
@@ -1311,26 +1311,35 @@ def _common_prefix(a, b):
     return low
 
 
-def _ocr_distance(a, b):
-    """The edit distance of two OCR strings while it is cheap, else an upper bound of it, so that a long transcription
-    is never paid more than it earns: the common prefix and suffix are free, and the differing middles are compared
-    exactly when their n·m ≤ OCR_EXACT_CELLS, else piece by piece (_pieces_distance)."""
-    if a == b:
-        return 0
+def _differing_middles(a, b):
+    """a and b without their common prefix and suffix (which an optimal alignment may always match)."""
     start = _common_prefix(a, b)
     a, b = a[start:], b[start:]
     end = _common_prefix(a[::-1], b[::-1])
-    a, b = a[:len(a) - end], b[:len(b) - end]
-    if len(a) * len(b) <= OCR_EXACT_CELLS:
+    return a[:len(a) - end], b[:len(b) - end]
+
+
+def _ocr_distance(a, b):
+    """The edit distance of two OCR strings while it is cheap, else an upper bound of it, so that a long transcription
+    is never paid more than it earns: the common prefix and suffix are free, and the differing middles are compared
+    exactly when their n·m ≤ OCR_EXACT_CELLS (and the longer, which the bit-parallel loop walks, is within
+    OCR_CHUNK_BUDGET), else piece by piece (_pieces_distance)."""
+    if a == b:
+        return 0
+    a, b = _differing_middles(a, b)
+    if len(a) < len(b):
+        a, b = b, a
+    if len(a) * len(b) <= OCR_EXACT_CELLS and len(a) <= OCR_CHUNK_BUDGET:
         return edit_distance(a, b)
     return _pieces_distance(a, b)
 
 
 def _pieces_distance(a, b):
-    """An upper bound of the edit distance of two long strings. a is cut every OCR_CHUNK characters, b where the 16
-    characters after each cut of a are found again near where they should be (else one chunk after its last cut).
-    Equal pieces cost nothing; differing ones their exact distance while OCR_CHUNK_BUDGET characters last, then their
-    longer length. The pieces' alignments together are an alignment of the whole, so the sum bounds the distance."""
+    """An upper bound of the edit distance of two long strings, a the longer. a is cut every OCR_CHUNK characters,
+    b where the 16 characters after each cut of a are found again near where they should be (else one chunk after
+    its last cut). Equal pieces cost nothing; differing ones (without their common ends) their exact distance while
+    OCR_CHUNK_BUDGET characters last, then their longer length. The pieces' alignments together are an alignment of
+    the whole, so the sum bounds the distance from above."""
     cuts_a, cuts_b, reach = list(range(0, len(a), OCR_CHUNK))[1:] + [len(a)], [0], 4 * OCR_CHUNK
     for cut in cuts_a[:-1]:
         expected = min(cuts_b[-1] + OCR_CHUNK, len(b))
@@ -1341,8 +1350,10 @@ def _pieces_distance(a, b):
     for a0, a1, b0, b1 in zip([0] + cuts_a, cuts_a, cuts_b, cuts_b[1:]):
         x, y = a[a0:a1], b[b0:b1]
         if x != y:
-            total += edit_distance(x, y) if budget > 0 else max(len(x), len(y))
-            budget -= max(len(x), len(y))
+            x, y = _differing_middles(x, y)
+            longer = max(len(x), len(y))
+            total += edit_distance(x, y) if longer <= budget else longer
+            budget -= longer
     return total
 
 
