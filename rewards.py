@@ -926,6 +926,36 @@ def _percent_reading(node):
     return (node,)
 
 
+class _Readings(tuple):
+    """Readings with .markers, the signs among ("%", "°") that the text has. Readings run over the % reading first,
+    then the ° one, so a reading's index says how it read each marker (see _pairs)."""
+    markers = ()
+
+
+def _readings(values, markers):
+    readings = _Readings(values)
+    readings.markers = markers
+    return readings
+
+
+def _pairs(pred, truth):
+    """The (pred, truth) reading pairs to compare: any reading with any, except that a marker both sides have is read
+    the same way on both (0.5% is not 50%, though 0.5 is; 0.52° is not 30°, though 0.52 is)."""
+    pred_markers, truth_markers = getattr(pred, "markers", ()), getattr(truth, "markers", ())
+    shared = set(pred_markers) & set(truth_markers)
+    for i, p in enumerate(pred):
+        for j, t in enumerate(truth):
+            if all((m in _marks(i, pred_markers)) == (m in _marks(j, truth_markers)) for m in shared):
+                yield p, t
+
+
+def _marks(index, markers):
+    """The markers that reading `index` reads the other way (50% as 50, 30° as π/6)."""
+    if len(markers) == 2:
+        return {m for m, bit in zip(markers, (index >> 1, index & 1)) if bit}
+    return set(markers) if index else set()
+
+
 @lru_cache(maxsize=1 << 13)
 def math_readings(text, e_variable=False):
     """The ways an answer can be read, each a tuple of values (one per variable point), or None if unreadable.
@@ -939,7 +969,9 @@ def math_readings(text, e_variable=False):
         nodes = (parser.node,) + _percent_reading(parser.node)
         degrees = (Fraction(1), _div(_PI, Fraction(180))) if parser.degrees else (Fraction(1),)
         points = _VARIABLE_POINTS if parser.variables else ({},)
-        return tuple(tuple(_structure(n, {**p, "°": d}) for p in points) for n in nodes for d in degrees)
+        markers = ("%",) * (len(nodes) > 1) + ("°",) * (len(degrees) > 1)
+        return _readings([tuple(_structure(n, {**p, "°": d}) for p in points) for n in nodes for d in degrees],
+                         markers)
     except _EXPECTED_ERRORS:
         return None
 
@@ -1207,7 +1239,7 @@ def _number_readings(text):
     readings = math_readings(text)
     if readings is None or any(len(r) != 1 or isinstance(r[0], (tuple, _Infinity)) for r in readings):
         return None
-    return tuple(r[0] for r in readings)
+    return _readings([r[0] for r in readings], readings.markers)
 
 
 _PLAIN_WRAPPER = re.compile(r"\\(?:text|textbf|textrm|mathrm|mathbf|operatorname)\s*\{([^{}]*)\}")
@@ -1737,7 +1769,7 @@ def _quantity(text):
         readings = _number_readings(text[:m.start()])
         if readings is not None:
             zero = _TEMPERATURE_ZERO.get(symbol, Fraction(0))
-            return tuple(_add(_mul(r, scale), zero) for r in readings), dims, readings, True
+            return _readings([_add(_mul(r, scale), zero) for r in readings], readings.markers), dims, readings, True
     readings = _number_readings(text)
     return None if readings is None else (readings, _dims(), readings, False)
 
@@ -1779,7 +1811,7 @@ def verify_math(pred, truth):
     if pred_readings is None:
         return 0.0
     budget = [PRECISE_NODES]
-    return float(any(_same_reading(p, t, MATH_REL_TOL, budget) for p in pred_readings for t in readings))
+    return float(any(_same_reading(p, t, MATH_REL_TOL, budget) for p, t in _pairs(pred_readings, readings)))
 
 
 def verify_choice(pred, truth):
@@ -1803,9 +1835,9 @@ def verify_chart(pred, truth):
     readings, budget = _number_readings(pred), [PRECISE_NODES]
     if readings is None:
         return 0.0
-    for t in truth:
+    for p, t in _pairs(readings, truth):
         is_year = isinstance(t, Fraction) and t.denominator == 1 and YEARS[0] <= t <= YEARS[1]
-        if any(p == t if is_year else _close(p, t, CHART_REL_TOL, budget) for p in readings):
+        if p == t if is_year else _close(p, t, CHART_REL_TOL, budget):
             return 1.0
     return 0.0
 
@@ -1851,7 +1883,7 @@ def verify_vqa(pred, truth):
     (normal, values), budget = _vqa_key(pred), [PRECISE_NODES]
     for truth_normal, truth_values in truth:
         if values is not None and truth_values is not None:
-            if any(_close(p, t, MATH_REL_TOL, budget) for p in values for t in truth_values):
+            if any(_close(p, t, MATH_REL_TOL, budget) for p, t in _pairs(values, truth_values)):
                 return 1.0
         elif normal == truth_normal:
             return 1.0
@@ -1868,7 +1900,7 @@ def verify_units(pred, truth):
     got, budget = _quantity(pred), [PRECISE_NODES]
     if got is None or (has_unit and got[1] != dims):  # a missing or different unit
         return 0.0
-    return float(any(_close(p, t, UNITS_REL_TOL, budget) for p in got[0 if has_unit else 2] for t in values))
+    return float(any(_close(p, t, UNITS_REL_TOL, budget) for p, t in _pairs(got[0 if has_unit else 2], values)))
 
 
 def verify_multi_image(pred, truth):

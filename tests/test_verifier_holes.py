@@ -96,6 +96,13 @@ MINUS_BEFORE_PERCENT = [  # -5% reads as -0.05 and as -5, like 5% reads as 0.05 
     ("-5%", "5", 0), ("-5%", "0.05", 0), ("-5%", "-50", 0), ("5%", "-5", 0), ("-5%", "-0.5", 0),
 ]
 
+MARKERS_ON_BOTH_SIDES = [  # a % or ° both sides have is read the same way on both (found while closing the above)
+    ("0.5%", "50%", 0), (r"0.5\%", r"50\%", 0), ("50%", "0.5%", 0), ("0.5236°", "30°", 0), ("30°", "0.5236°", 0),
+    ("-0.5%", "-50%", 0),
+    ("50%", "50%", 1), ("0.5", "50%", 1), ("50", "50%", 1), ("50%", "0.5", 1), ("50%", "50", 1), ("30°", r"\pi/6", 1),
+    (r"30^\circ", "30°", 1), ("1/2", r"50\%", 1),
+]
+
 RESIDUE_OF_ZERO = [  # float residue of a true 0 equals an exact 0 ...
     (r"\sin(\pi)", "0", 1), (r"\cos\frac{\pi}{2}", "0", 1), (r"0.1\pi+0.2\pi-0.3\pi", "0", 1),
     (r"\sqrt{2}^2-2", "0", 1), (r"\tan \pi", "0", 1), (r"e^{\ln 2}-2", "0", 1), (r"\sin(10^{6}\pi)", "0", 1),
@@ -127,11 +134,18 @@ UNREADABLE_TRUTHS = [  # a truth the parser cannot read is compared as normalise
 @pytest.mark.parametrize("name,cases", [
     ("negative mixed numbers", NEGATIVE_MIXED_NUMBERS), ("thousands separators", THOUSANDS_SEPARATORS),
     ("floats that cancel", FLOATS_THAT_CANCEL), ("minus before percent", MINUS_BEFORE_PERCENT),
+    ("markers on both sides", MARKERS_ON_BOTH_SIDES),
     ("residue of zero", RESIDUE_OF_ZERO), ("exact roots", EXACT_ROOTS), ("unreadable truths", UNREADABLE_TRUTHS),
 ])
 def test_math_holes(name, cases):
     assert sum(e == 1 for *_, e in cases) >= 4 and sum(e == 0 for *_, e in cases) >= 4, name
     check("math", cases)
+
+
+def test_markers_on_both_sides_in_chart_vqa_and_physics():
+    check("chart", [("0.5%", "50%", 0), ("50%", "50%", 1), ("42%", "42", 1), ("0.42", "42%", 1)])
+    check("vqa", [("0.5%", "50%", 0), ("50%", "50%", 1), ("50%", "0.5", 1)])
+    check("physics", [("0.5%", "50%", 0), ("50%", "50%", 1), ("50 percent", "50%", 1), ("0.52°", "30°", 0)])
 
 
 def test_thousands_separators_in_chart_and_counting():
