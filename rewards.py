@@ -240,6 +240,8 @@ _IMPLICIT_STARTS = frozenset({"var", "pi", "(", "{", "frac", "sqrt", "wrap", "fu
 
 def _literal(text):
     """Exact value of a number token; bounded so that 1e999999999 is refused instead of computed."""
+    if text.isdigit():  # the common case, without the separators and exponent below
+        return _fit(Fraction(int(text)))
     mantissa, _, exponent = re.sub(r"[,{}\\]", "", text).lower().partition("e")
     value = Fraction(mantissa)
     if exponent:
@@ -281,6 +283,8 @@ def _tokenize(text):
         elif kind == "command":
             if value not in _COMMANDS:
                 raise _Unreadable(f"unsupported command {value}")
+            if _COMMANDS[value] == "frac":
+                _refuse_mixed_number(tokens)
             if _COMMANDS[value] is not None:
                 tokens.append((_COMMANDS[value], value.lstrip("\\")))
         elif kind == "word":
@@ -294,17 +298,14 @@ def _tokenize(text):
             tokens.append(("^" if value == "**" else value, value))
         if len(tokens) > MAX_TOKENS:
             raise _Unreadable("too many tokens")
-    _refuse_mixed_numbers(tokens)
     return tokens
 
 
-def _refuse_mixed_numbers(tokens):
-    """2\\frac{1}{2} is 2.5 to a schoolchild and 1 to LaTeX, and so is -2\\frac{1}{2} (−2.5 or −1): a number written
-    right before \\frac is unreadable wherever it stands, unless it is an exponent or a digit of \\frac12."""
-    for i in range(len(tokens) - 1):
-        if tokens[i][0] == "number" and tokens[i + 1][0] == "frac" and (
-                i == 0 or tokens[i - 1][0] not in ("^", "frac", "sqrt", "_")):
-            raise _Unreadable("2\\frac{1}{2}: mixed number or product?")
+def _refuse_mixed_number(tokens):
+    """Before a \\frac token: 2\\frac{1}{2} is 2.5 to a schoolchild and 1 to LaTeX, and so is -2\\frac{1}{2} (−2.5 or
+    −1), so a number right before \\frac is unreadable wherever it stands, unless it is an exponent or \\frac12's."""
+    if tokens and tokens[-1][0] == "number" and (len(tokens) == 1 or tokens[-2][0] not in ("^", "frac", "sqrt", "_")):
+        raise _Unreadable("2\\frac{1}{2}: mixed number or product?")
 
 
 class _MathParser:
