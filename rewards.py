@@ -2016,6 +2016,8 @@ def _show(value):
         if kind == "tuple":
             return f"{tag[0]}{', '.join(shown)}{tag[1]}"
         return " ∪ ".join(shown) if kind == "union" else "{" + ", ".join(shown) + "}"
+    if isinstance(value, _Approx):  # an inexact value with its error bound: "0±2e-14" cancelled in floats
+        return f"{value.value:.10g}±{value.error:.0e}"
     return repr(value) if isinstance(value, _Infinity) else f"{float(value):.10g}"
 
 
