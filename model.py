@@ -113,8 +113,11 @@ class Config:
         `rope_parameters` one; text fields may sit in `text_config` or at the top level."""
         if isinstance(source, (str, os.PathLike)):
             path = os.path.join(source, "config.json") if os.path.isdir(source) else source
-            with open(path) as f:
-                source = json.load(f)
+            try:
+                with open(path) as f:
+                    source = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from e
         hf = dict(source)
         if hf.get("model_type", "glm4v") != "glm4v":
             raise ValueError(f"expected a glm4v config, got model_type={hf.get('model_type')!r}")
@@ -460,14 +463,18 @@ class GLM4V(nn.Module):
         straight into its final place, so peak host memory stays near one copy of the weights."""
         from safetensors import safe_open
 
+        check_checkpoint_dir(path)
         cfg = Config.from_hf(path)
         files = checkpoint_files(path)
         with torch.device("meta"):
             model = cls(cfg)
         found = {}  # name -> shape, read from the safetensors headers only
         for file in files:
-            with safe_open(file, framework="pt") as f:
-                found.update({name: tuple(f.get_slice(name).get_shape()) for name in f.keys()})
+            try:
+                with safe_open(file, framework="pt") as f:
+                    found.update({name: tuple(f.get_slice(name).get_shape()) for name in f.keys()})
+            except Exception as e:  # safetensors raises its own error type on a damaged header
+                raise ValueError(f"{file}: not a readable safetensors file, truncated or damaged ({e})") from e
         check_tensor_names(model.state_dict(), found, path)
         dtype = dtype or _checkpoint_dtype(files[0])
         model = model.to(dtype).to_empty(device=device)  # the cast is free on meta; memory is allocated once
@@ -514,6 +521,18 @@ def write_hf_checkpoint(path, cfg: Config, state_dict: dict, max_shard_bytes=5 *
              "weight_map": weight_map}
     with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
         json.dump(index, f, indent=2)
+
+
+def check_checkpoint_dir(path):
+    """One clear error when `path` is not a checkpoint directory (missing, a file, or without config.json)."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"checkpoint directory not found: {path}")
+    if not os.path.isdir(path):
+        raise NotADirectoryError(f"{path} is a file; a checkpoint is a directory (config.json, model.safetensors, "
+                                 "tokenizer.json)")
+    if not os.path.exists(os.path.join(path, "config.json")):
+        raise FileNotFoundError(f"{path} has no config.json: not a Hugging Face checkpoint directory")
 
 
 def checkpoint_files(path) -> list:

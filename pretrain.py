@@ -258,6 +258,7 @@ def preset_config(run: RunConfig) -> M.Config:
 def initial_state(run: RunConfig, rank: int):
     """(model Config, full state dict on rank 0 — {} on other ranks — and the tokenizer)."""
     if run.init_from:
+        M.check_checkpoint_dir(run.init_from)
         cfg = M.Config.from_hf(run.init_from)
         tokenizer_path = os.path.join(run.init_from, "tokenizer.json")
         if not os.path.exists(tokenizer_path):
@@ -911,9 +912,9 @@ def train(tc: TrainConfig):
 
     try:
         while run.step < tc.max_steps:
-            heartbeat(tc.hang_timeout, f"step {run.step + 1}")
             start = time.perf_counter()
             batches = next(batches_iter)
+            heartbeat(tc.hang_timeout, f"step {run.step + 1}")  # before the step's first collective
             lr = lr_at(run.step, tc)
             set_lr(run.optimizer, lr)
             run.step += 1  # save_if_good steps back to the pending step while it saves

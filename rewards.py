@@ -1920,6 +1920,21 @@ def parse_truth(task, answer_text):
     return truth
 
 
+def truth_problem(task, answer):
+    """Why a ground truth cannot be graded strictly, or None: RL prompts are checked with this when their pool
+    loads, so that an item whose every reply would score 0 (or be compared as a mere string) is dropped instead."""
+    text = _answer_text(answer)
+    try:
+        truth = VERIFIERS[task][1](text)
+    except _EXPECTED_ERRORS:
+        truth = None
+    if truth is None:
+        return f"the {task} verifier cannot read the answer {text[:60]!r}"
+    if task == "math" and truth[0] is None:
+        return f"the math answer {text[:60]!r} does not parse (only string equality could compare it)"
+    return None
+
+
 def score(task, response, answer, lenient=False):
     """Reward of one reply: a float in [0, 1]. Never raises on any response or answer.
 

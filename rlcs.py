@@ -312,36 +312,56 @@ def synthetic_pool(tasks, per_level: int, seed: int, levels=world.LEVELS) -> lis
             for task in tasks for level in levels for i in range(per_level)]
 
 
-def jsonl_pool(path: str, tasks=None) -> list:
-    """Prompts from JSONL lines {"messages", "images"/"videos", "task", "answer", "level" (1–5, default 3)} —
-    `python world.py export` writes such files; assistant messages are ignored. Errors name the file and line."""
+def pool_record(obj, root: str) -> PoolItem:
+    """One JSONL prompt {"messages", "images"/"videos", "task", "answer", "level" (1–5, default 3)} as a pool item
+    (its assistant messages dropped); ValueError/FileNotFoundError say what is wrong with it."""
+    record = data.parse_record(obj, root)
+    if "messages" not in record:
+        raise ValueError("an RL prompt needs 'messages'")
+    task, level = obj.get("task"), obj.get("level", 3)
+    if task not in rewards.VERIFIERS:
+        raise ValueError(f"'task' must be one of {', '.join(rewards.VERIFIERS)}, got {task!r}")
+    if "answer" not in obj:
+        raise ValueError("'answer' (the ground truth the verifier checks) is missing")
+    if level not in world.LEVELS:
+        raise ValueError(f"'level' must be one of {world.LEVELS}, got {level!r}")
+    problem = rewards.truth_problem(task, obj["answer"])
+    if problem:
+        raise ValueError(problem)
+    while record["messages"] and record["messages"][-1]["role"] == "assistant":
+        record["messages"].pop()
+    return PoolItem("", task, level, obj["answer"], 0, record)
+
+
+def jsonl_pool(path: str, tasks=None, max_bad_data: float = 0.05) -> list:
+    """Prompts from a JSONL file (`python world.py export` writes such files). A line that is not a valid prompt,
+    or whose answer its verifier cannot read, is dropped and counted (the first few printed with file:line); more
+    than max_bad_data of them stops with an error."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"prompt file not found: {path}")
-    root, pool = os.path.dirname(os.path.abspath(path)), []
+    root, pool, dropped, lines = os.path.dirname(os.path.abspath(path)), [], [], 0
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
+            lines += 1
             try:
-                obj = json.loads(line)
-                record = data.parse_record(obj, root)
-                if "messages" not in record:
-                    raise ValueError("an RL prompt needs 'messages'")
-                task, level = obj.get("task"), obj.get("level", 3)
-                if task not in rewards.VERIFIERS:
-                    raise ValueError(f"'task' must be one of {', '.join(rewards.VERIFIERS)}, got {task!r}")
-                if "answer" not in obj:
-                    raise ValueError("'answer' (the ground truth the verifier checks) is missing")
-                if level not in world.LEVELS:
-                    raise ValueError(f"'level' must be one of {world.LEVELS}, got {level!r}")
+                item = pool_record(json.loads(line), root)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from e
+                dropped.append(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})")
+                continue
             except (ValueError, TypeError, FileNotFoundError) as e:
-                raise ValueError(f"{path}:{lineno}: {e}") from e
-            while record["messages"] and record["messages"][-1]["role"] == "assistant":
-                record["messages"].pop()
-            if not tasks or task in tasks:
-                pool.append(PoolItem(f"line:{lineno}", task, level, obj["answer"], lineno, record))
+                dropped.append(f"{path}:{lineno}: {e}")
+                continue
+            if not tasks or item.task in tasks:
+                pool.append(dataclasses.replace(item, key=f"line:{lineno}", index=lineno))
+    for problem in dropped[:5]:
+        pretrain.log(f"dropped {problem}")
+    if dropped and (len(dropped) > max_bad_data * lines or not pool):
+        raise ValueError(f"{path}: {len(dropped)} of {lines} prompts are unusable, more than --max-bad-data "
+                         f"{max_bad_data:g} (first: {dropped[0]})")
+    if dropped:
+        pretrain.log(f"{path}: {len(dropped)} of {lines} prompts dropped")
     if not pool:
         raise ValueError(f"{path}: no prompts" + (f" for the domains {', '.join(tasks)}" if tasks else ""))
     return pool
@@ -349,7 +369,7 @@ def jsonl_pool(path: str, tasks=None) -> list:
 
 def build_pool(rc: RLConfig) -> list:
     if rc.data:
-        return jsonl_pool(rc.data, task_list(rc.tasks))
+        return jsonl_pool(rc.data, task_list(rc.tasks), rc.max_bad_data)
     return synthetic_pool(task_list(rc.tasks) or default_tasks(), rc.pool_size, rc.seed, pool_levels(rc))
 
 
@@ -613,6 +633,7 @@ def rollout_step(run: Run) -> dict:
     think_close = run.tokenizer.special[data.THINK_CLOSE]
     forced = [rc.think_budget > 0 and len(r) > rc.think_budget and think_close not in r[:rc.think_budget]
               for r in replies]
+    pretrain.heartbeat(rc.hang_timeout, f"iteration {run.step + 1}")  # every rank has rolled out its share
     parts = pretrain.gather_objects((replies, scores, strict, forced, time.perf_counter() - start))
     return dict(picks=picks, prompts=prompts, replies=[r for part in parts for r in part[0]],
                 scores=torch.tensor([s for part in parts for s in part[1]], dtype=torch.float64).view(n, G),
@@ -721,7 +742,6 @@ def train(rc: RLConfig):
     bar = tqdm(total=rc.max_steps, initial=run.step, disable=run.rank != 0, desc="rlcs", dynamic_ncols=True)
     try:
         while not run.finished():
-            pretrain.heartbeat(rc.hang_timeout, f"iteration {run.step + 1}")
             t0 = time.perf_counter()
             batch = rollout_step(run)
             t1 = time.perf_counter()
