@@ -6,15 +6,18 @@
 
 Every decoder linear (q, k, v, o, gate_up, down) and the lm_head keeps its weight W (out, in) as int8 with one scale
 per output channel, s = max|W_row| / 127 and W_int8 = round(W / s), so that |W − s·W_int8| ≤ s/2 for every element.
-The product is (x · W_int8ᵀ) · s: the int8 matrix is converted to the activations' dtype inside the matmul, which
-torch.compile fuses into the matmul's loads on a GPU — decoding, bound by reading every weight once per token, then
-reads half the bytes. The ViT, the projector, the embedding and the norms stay as they are: the ViT runs once per
+The product is (x · W_int8ᵀ) · s: on a GPU the int8 matrix is converted to the activations' dtype inside the matmul,
+which torch.compile fuses into the matmul's loads (sample.py compiles the decode step on CUDA) — decoding, bound by
+reading every weight once per token, then reads half the bytes; on a CPU PyTorch's fused int8-weight matmul
+(`torch._weight_int8pack_mm`) does the same eagerly, where converting the whole matrix first would cost far more than
+the matmul. The ViT, the projector, the embedding and the norms stay as they are: the ViT runs once per
 image, and the rest is small or (the embedding) read one row per token.
 
 The checkpoint format is a Hugging Face-style directory: config.json is the model's with a "quantization_config"
-{"quant_method": "int8_weight_only", ...} added (transformers refuses an unknown quant_method instead of misreading
-the tensors), model.safetensors holds `<linear>.weight` as int8 (out, in) and `<linear>.scales` (out,) in the
-compute dtype for each quantized linear, every other tensor (biases included) as before, and tokenizer.json.
+{"quant_method": "int8_weight_only", ...} added, model.safetensors holds `<linear>.weight` as int8 (out, in) and
+`<linear>.scales` (out,) in the compute dtype for each quantized linear, every other tensor (biases included) as
+before, and tokenizer.json. It is this repository's format, not one `transformers` reads: transformers 5.24 warns
+about the unknown quant_method and would load the int8 weights without their scales.
 """
 import argparse
 import json
@@ -50,14 +53,18 @@ class Int8Linear(nn.Module):
             if bias else None
 
     def forward(self, x):
-        out = F.linear(x, self.weight.to(x.dtype)) * self.scales.to(x.dtype)
+        if x.device.type == "cpu":  # PyTorch's fused int8-weight matmul (CPU only): no full-width weight copy
+            out = torch._weight_int8pack_mm(x.reshape(-1, self.in_features), self.weight, self.scales.to(x.dtype))
+            out = out.view(*x.shape[:-1], self.out_features)
+        else:  # gpt-fast's form: torch.compile fuses the conversion into the matmul's loads
+            out = F.linear(x, self.weight.to(x.dtype)) * self.scales.to(x.dtype)
         return out if self.bias is None else out + self.bias.to(x.dtype)
 
 
 def quantized_names(model) -> list:
-    """The linears that become int8: every one in the decoder layers, and the lm_head."""
+    """The linears that become (or are) int8: every one in the decoder layers, and the lm_head."""
     return [name for name, m in model.named_modules()
-            if isinstance(m, nn.Linear) and name.startswith("model.language_model.layers.")] + ["lm_head"]
+            if isinstance(m, (nn.Linear, Int8Linear)) and name.startswith("model.language_model.layers.")] + ["lm_head"]
 
 
 @torch.no_grad()
@@ -126,8 +133,8 @@ def main(argv=None):
         data.load_tokenizer(args.checkpoint).save(args.out)
     except (OSError, ValueError) as e:
         sys.exit(f"error: {e}")
-    print(f"{args.out}: decoder linears + lm_head {before / 2 ** 20:.1f} MiB in {args.dtype} → "
-          f"{weight_bytes(model) / 2 ** 20:.1f} MiB int8 + scales")
+    print(f"{args.out}: decoder linears + lm_head {before / 2 ** 20:.2f} MiB in {args.dtype} → "
+          f"{weight_bytes(model) / 2 ** 20:.2f} MiB int8 + scales")
 
 
 if __name__ == "__main__":
