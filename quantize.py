@@ -8,9 +8,9 @@ Every decoder linear (q, k, v, o, gate_up, down) and the lm_head keeps its weigh
 per output channel, s = max|W_row| / 127 and W_int8 = round(W / s), so that |W − s·W_int8| ≤ s/2 for every element.
 The product is (x · W_int8ᵀ) · s: on a GPU the int8 matrix is converted to the activations' dtype inside the matmul,
 which torch.compile fuses into the matmul's loads (sample.py compiles the decode step on CUDA) — decoding, bound by
-reading every weight once per token, then reads half the bytes; on a CPU PyTorch's fused int8-weight matmul
-(`torch._weight_int8pack_mm`) does the same eagerly, where converting the whole matrix first would cost far more than
-the matmul. The ViT, the projector, the embedding and the norms stay as they are: the ViT runs once per
+reading every weight once per token, then reads half the bytes; on a CPU a bf16 decode step uses PyTorch's fused
+int8-weight matmul (`torch._weight_int8pack_mm`) instead, as converting the whole matrix first costs more than the
+matmul itself. The ViT, the projector, the embedding and the norms stay as they are: the ViT runs once per
 image, and the rest is small or (the embedding) read one row per token.
 
 The checkpoint format is a Hugging Face-style directory: config.json is the model's with a "quantization_config"
@@ -53,12 +53,19 @@ class Int8Linear(nn.Module):
             if bias else None
 
     def forward(self, x):
-        if x.device.type == "cpu":  # PyTorch's fused int8-weight matmul (CPU only): no full-width weight copy
-            out = torch._weight_int8pack_mm(x.reshape(-1, self.in_features), self.weight, self.scales.to(x.dtype))
+        rows = x.numel() // self.in_features
+        if x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16) and rows <= CPU_FUSED_ROWS:
+            # decoding on a CPU: PyTorch's fused int8-weight matmul, which never writes out a full-width weight
+            out = torch._weight_int8pack_mm(x.reshape(rows, self.in_features), self.weight, self.scales.to(x.dtype))
             out = out.view(*x.shape[:-1], self.out_features)
-        else:  # gpt-fast's form: torch.compile fuses the conversion into the matmul's loads
+        else:  # gpt-fast's form: on a GPU torch.compile fuses the conversion into the matmul's loads
             out = F.linear(x, self.weight.to(x.dtype)) * self.scales.to(x.dtype)
         return out if self.bias is None else out + self.bias.to(x.dtype)
+
+
+# Rows up to which the CPU uses the fused kernel: it is fast for a few bf16 rows (a decode step), slower than
+# converting the weight once for a prefill's many rows, and slow for fp32 at any size (bench.py --only quantize).
+CPU_FUSED_ROWS = 32
 
 
 def quantized_names(model) -> list:
