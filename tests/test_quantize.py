@@ -109,7 +109,10 @@ def test_bench_rows_report_what_they_claim():
 
     cfg = dataclasses.replace(M.PRESETS["tiny"], num_hidden_layers=1, eos_token_ids=())
     decode = bench.int8_decode_row("decode", cfg, torch.bfloat16, torch.device("cpu"), 1, 8, 4, 1, False)
-    assert decode["ours"] > 0 and decode["peer"] > 0 and 0.5 < decode["weight_ratio"] < 0.51
+    assert decode["units"] == "decode tokens/s" and decode["ratio"] == pytest.approx(decode["ours"] / decode["peer"],
+                                                                                   rel=0.05, abs=0.01)
+    assert 0.5 < decode["weight_ratio"] < 0.51 and decode["weight_mib_peer"] == pytest.approx(
+        2 * decode["weight_mib_int8"], rel=0.02)
     agree, error = bench.int8_fidelity_rows(None, per_task=1, max_new_tokens=4)
     assert agree["peer"] == 8 and 0 <= agree["ours"] <= 8 and agree["units"] == "prompts"
     assert 0 < error["ours"] < error["peer"] and 0.5 < error["weight_ratio_vs_bf16"] < 0.51
