@@ -184,3 +184,33 @@ def test_rl_trains_adapters_and_rolls_out_with_merged_weights(sft_checkpoint, tm
     torch.testing.assert_close(logits(copy, ids), logits(policy, ids), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(logits(M.GLM4V.from_pretrained(tmp_path), ids), logits(policy, ids), atol=1e-5,
                                rtol=1e-5)
+
+
+def test_peft_loads_vision_adapters_on_an_image_prompt(base, tmp_path, tok):
+    """--lora-vision's adapters (the ViT's fused qkv, proj, gate/up/down) under PEFT's names: its logits on an image."""
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    from PIL import Image
+
+    import data
+    from reference import mm_token_type_ids
+
+    ours = lora.add_adapters(M.GLM4V.from_pretrained(base), RANK, 8.0, vision=True)
+    torch.manual_seed(0)
+    for m in lora.lora_modules(ours).values():
+        torch.nn.init.normal_(m.lora_B.weight, std=0.05)
+    lora.save_peft(ours, ours.state_dict(), str(tmp_path), base)
+    theirs = peft.PeftModel.from_pretrained(transformers.Glm4vForConditionalGeneration.from_pretrained(base),
+                                            str(tmp_path)).eval()
+    assert sum(hasattr(m, "lora_A") and "default" in m.lora_A for m in theirs.modules()) == \
+        len(lora.lora_modules(ours)) == MICRO.num_hidden_layers * 6 + MICRO.vision_depth * 5
+    image = data.process_image(Image.new("RGB", (56, 56), (200, 30, 30)))
+    prompt = data.render_chat([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What?"}]}],
+                              tok, images=[image])
+    batch = data.collate([prompt], MICRO)
+    vision = {k: batch[k] for k in data.VISION_KEYS}
+    with torch.no_grad():
+        expected = ours(batch["input_ids"], attention_mask=batch["attention_mask"], **vision)
+        got = theirs(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                     mm_token_type_ids=mm_token_type_ids(MICRO, batch["input_ids"]), **vision).logits
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
