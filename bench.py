@@ -2,7 +2,7 @@
 
     python bench.py                 # CPU suite (a few minutes on 2 cores)
     python bench.py --gpu           # the GPU suite (needs CUDA)
-    python bench.py --only vision   # one section (vision, kernels, train, sample, rlcs, data, rewards)
+    python bench.py --only vision   # one section (vision, kernels, train, sample, quantize, rlcs, data, rewards)
 
 The peer is usually the reference implementation in `transformers` (a test-only dependency, imported lazily here
 and nowhere else in the project), or the plain-PyTorch path of the same operation. Every section measures with
@@ -462,6 +462,11 @@ def decode_rates(ours, ref, batch, prompt_len, new_tokens, repeats, compile):
     mask = torch.ones_like(ids)
     runs = {"ours": lambda n: sample.generate(ours, ids, n, compile=compile),
             "ref": lambda n: ref.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, do_sample=False)}
+    return interleaved_decode_rates(runs, device, batch, new_tokens, repeats)
+
+
+def interleaved_decode_rates(runs: dict, device, batch, new_tokens, repeats) -> dict:
+    """{name: decode tokens/s} of generate functions fn(n) → (batch, n) tokens, interleaved (see decode_rates)."""
     with torch.no_grad():
         for name, fn in runs.items():  # warm up (and compile)
             assert fn(new_tokens).shape[1] >= new_tokens, name
@@ -518,6 +523,105 @@ def bench_sample(args) -> list:
              ("decode, tiny width, batch 8", tiny, torch.float32, 8, 32, 128, 3, False)]
     models = {}
     return one_thread(lambda: [decode_row(device, models, *case) for case in cases])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Weight-only int8 (quantize.py): weight bytes, decode speed and fidelity against the unquantized model
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def int8_pair(cfg, dtype, device):
+    """Fresh weights in `dtype` (built on the meta device, no fp32 copy) and an int8 copy of them (quantize.py)."""
+    import copy
+
+    import model as M
+    import quantize
+
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        full = M.GLM4V(cfg)
+    full = full.to(dtype).to_empty(device=device).init_weights().eval().requires_grad_(False)
+    return full, quantize.quantize_int8(copy.deepcopy(full))
+
+
+def int8_decode_row(name, cfg, dtype, device, batch, prompt_len, new_tokens, repeats, compile) -> dict:
+    """Decode tokens/s of sample.generate with int8 weights against the same weights in `dtype`, and their bytes
+    (decoder linears + lm_head: what a decode step reads, but for one embedding row)."""
+    import quantize
+    import sample
+
+    full, int8 = int8_pair(cfg, dtype, device)
+    ids = torch.randint(0, min(cfg.vocab_size, 256), (batch, prompt_len), device=device,
+                        generator=torch.Generator(device).manual_seed(0))
+    runs = {"int8": lambda n: sample.generate(int8, ids, n, compile=compile),
+            "full": lambda n: sample.generate(full, ids, n, compile=compile)}
+    rates = interleaved_decode_rates(runs, device, batch, new_tokens, repeats)
+    int8_bytes, full_bytes = quantize.weight_bytes(int8), quantize.weight_bytes(full)
+    return row(name, round(rates["int8"], 1), round(rates["full"], 1), round(rates["int8"] / rates["full"], 2),
+               "decode tokens/s", peer_name=f"{str(dtype).replace('torch.', '')} weights", device=str(device),
+               batch=batch, new_tokens=new_tokens, compile=compile, threads=torch.get_num_threads(),
+               weight_mib_int8=round(int8_bytes / 2 ** 20, 2), weight_mib_peer=round(full_bytes / 2 ** 20, 2),
+               weight_ratio=round(int8_bytes / full_bytes, 3))
+
+
+def int8_fidelity_rows(checkpoint=None, per_task: int = 8, max_new_tokens: int = 128) -> list:
+    """int8 against the unquantized model, both computing in fp32 on the CPU (so only the weights differ), on
+    held-out prompts of every domain: the share of prompts whose greedy replies are token-for-token the same, and
+    the largest |Δlogit| over the prompts and the unquantized model's replies, as a share of the largest |logit|.
+    On `checkpoint` (a trained model; fresh tiny weights without one, whose nearly flat logits flip easily)."""
+    import data
+    import evaluate
+    import model as M
+    import quantize
+    import sample
+    import world
+
+    if checkpoint:
+        full, tok = sample.load(checkpoint, "cpu", torch.float32)
+        int8, _ = sample.load(checkpoint, "cpu", torch.float32, quantize="int8")
+    else:
+        (full, int8), tok = int8_pair(M.PRESETS["tiny"], torch.float32, "cpu"), data.tiny_tokenizer()
+    prompts = [it.prompt(tok) for it in evaluate.heldout_items(world.TASKS, per_task, 0)]
+    replies = [sample.generate_replies(m, prompts, 1, max_new_tokens, max_new_tokens * 3 // 4, tok.force_answer_ids,
+                                       temperature=0.0, batch_rows=16) for m in (full, int8)]
+    same = sum(a == b for a, b in zip(*replies))
+    errors, scale = [], []
+    for start in range(0, len(prompts), 16):  # the prompts with the unquantized model's replies, teacher-forced
+        batch = data.collate(prompts[start:start + 16], full.cfg, replies[0][start:start + 16])
+        inputs = dict(attention_mask=batch["attention_mask"], **{k: batch[k] for k in data.VISION_KEYS})
+        with torch.no_grad():
+            ref, got = (m(batch["input_ids"], **inputs) for m in (full, int8))
+        real = batch["attention_mask"].bool()
+        errors.append(float((got - ref)[real].abs().max()))
+        scale.append(float(ref[real].abs().max()))
+    what = checkpoint or "fresh tiny weights"
+    return [row(f"int8 greedy replies = fp32's ({len(prompts)} held-out prompts, {what})", same, len(prompts),
+                round(same / len(prompts), 3), "prompts", max_new_tokens=max_new_tokens),
+            row(f"int8 max |Δlogit| vs fp32 ({what})", round(max(errors), 4), round(max(scale), 2),
+                round(max(errors) / max(scale), 4), "logit", peer_name="max |logit|",
+                weight_ratio_vs_bf16=round(quantize.weight_bytes(int8) / (quantize.weight_bytes(full) / 2), 3))]
+
+
+def bench_quantize(args) -> list:
+    """Weight-only int8 (quantize.py) against full-precision weights. CPU, one thread: decode at the tiny width and at
+    the 9B's decoder width (2 layers, the tiny vocabulary), against bf16 and fp32; fidelity on --checkpoint. CUDA:
+    the 9B at batch 1, compiled, against bf16 (decoding is bound by reading the weights)."""
+    import model as M
+
+    device = torch.device(args.device)
+    tiny = dataclasses.replace(M.PRESETS["tiny"], eos_token_ids=())  # never stop early: equal work every run
+    wide = dataclasses.replace(M.PRESETS["9b"], num_hidden_layers=2, vocab_size=320, eos_token_ids=(), pad_token_id=0)
+    if device.type == "cuda":
+        big = dataclasses.replace(M.PRESETS["9b"], eos_token_ids=())
+        return [int8_decode_row("decode, 9B, int8 vs bf16, batch 1", big, torch.bfloat16, device, 1, 128, 256, 3,
+                                True)]
+    cases = [("decode, tiny width, batch 1, int8 vs bf16", tiny, torch.bfloat16, 1, 32, 128, 5, False),
+             ("decode, tiny width, batch 1, int8 vs fp32", tiny, torch.float32, 1, 32, 128, 5, False),
+             ("decode, 9B width (2 layers), batch 1, int8 vs bf16", wide, torch.bfloat16, 1, 32, 16, 2, False),
+             ("decode, 9B width (2 layers), batch 1, int8 vs fp32", wide, torch.float32, 1, 32, 16, 2, False)]
+    rows = one_thread(lambda: [int8_decode_row(name, cfg, dtype, device, *rest)
+                               for name, cfg, dtype, *rest in cases])
+    return rows + one_thread(lambda: int8_fidelity_rows(args.checkpoint))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -728,7 +832,7 @@ def bench_rewards(args) -> list:
 # ---------------------------------------------------------------------------------------------------------------
 
 SECTIONS = {"vision": bench_vision, "kernels": bench_kernels, "train": bench_train, "sample": bench_sample,
-            "rlcs": bench_rlcs, "data": bench_data, "rewards": bench_rewards}
+            "quantize": bench_quantize, "rlcs": bench_rlcs, "data": bench_data, "rewards": bench_rewards}
 COLUMNS = ("name", "ours", "peer", "ratio", "units")
 
 
@@ -750,6 +854,8 @@ def main(argv=None):
                         help="decoder layers of the depth-truncated 9B in the GPU training bench")
     parser.add_argument("--repeats", type=int, default=3, help="timed repetitions per case (median reported)")
     parser.add_argument("--json", help="also write every row, with the numbers behind it, to this JSON file")
+    parser.add_argument("--checkpoint", help="the quantize section's fidelity rows: measure on this checkpoint "
+                        "(default: fresh tiny weights)")
     parser.add_argument("--case", help=argparse.SUPPRESS)
     parser.add_argument("--device", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

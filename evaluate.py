@@ -76,9 +76,9 @@ def accuracy(records, tasks) -> dict:
     return {**result, "mean": float(np.mean(list(result.values())))}
 
 
-def load_for_inference(path: str, device):
-    """(model, tokenizer) from a checkpoint directory, bf16 on a GPU."""
-    return sample.load(path, device, torch.bfloat16 if device.type == "cuda" else torch.float32)
+def load_for_inference(path: str, device, quantize=None):
+    """(model, tokenizer) from a checkpoint directory, bf16 on a GPU; quantize="int8": weight-only int8 decoder."""
+    return sample.load(path, device, torch.bfloat16 if device.type == "cuda" else torch.float32, quantize)
 
 
 def eval_file(levels, temperature: float) -> str:
@@ -92,7 +92,7 @@ def evaluate_checkpoint(args) -> dict:
     """Held-out accuracy of one checkpoint, printed as one JSON line and written next to its weights (eval.json,
     and every reply with its score in eval_replies.jsonl)."""
     rank, _, device = pretrain.setup_distributed()
-    model, tokenizer = load_for_inference(args.checkpoint, device)
+    model, tokenizer = load_for_inference(args.checkpoint, device, args.quantize)
     tasks = [t for t in (args.tasks or "").split(",") if t] or [t for t in rewards.VERIFIERS if t in world.TASKS]
     levels = parse_levels(args.levels)
     records = run(model, tokenizer, heldout_items(tasks, args.n, args.seed, levels), args.max_new_tokens,
@@ -396,6 +396,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--think-budget", type=int, help="force answering after this many reply tokens without </think> "
                    "(default: per preset; 0: never)")
     p.add_argument("--batch-size", type=int, default=64, help="prompts per generate() call")
+    sample.add_quantize_flag(p)
     return p
 
 

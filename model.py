@@ -428,7 +428,8 @@ class GLM4V(nn.Module):
     def setup_caches(self, batch_size: int, max_seq_len: int, dtype=None):
         """Static KV caches for `batch_size` rows of `max_seq_len` slots. Calling it again with the same shapes
         keeps the buffers (so a compiled / CUDA-graphed decode step stays valid) and only resets the slot mask."""
-        device, dtype = self.lm_head.weight.device, dtype or self.lm_head.weight.dtype
+        embed = self.model.language_model.embed_tokens.weight  # the activations' dtype (the lm_head may be int8)
+        device, dtype = embed.device, dtype or embed.dtype
         cache = self.model.language_model.layers[0].self_attn.kv_cache
         if cache is None or cache.k.shape[0] != batch_size or cache.k.shape[2] != max_seq_len or \
                 cache.k.dtype != dtype or cache.k.device != device:
@@ -457,10 +458,11 @@ class GLM4V(nn.Module):
     # --- checkpoint I/O ------------------------------------------------------------------------------------
 
     @classmethod
-    def from_pretrained(cls, path, dtype=None, device="cpu"):
+    def from_pretrained(cls, path, dtype=None, device="cpu", prepare=None):
         """Load a Hugging Face-format Glm4v checkpoint (config.json + model.safetensors or shards with
         model.safetensors.index.json). The model is built on the meta device and each tensor is read from disk
-        straight into its final place, so peak host memory stays near one copy of the weights."""
+        straight into its final place, so peak host memory stays near one copy of the weights. `prepare(model)`
+        changes the meta-device model before loading (quantize.py makes its linears int8)."""
         from safetensors import safe_open
 
         check_checkpoint_dir(path)
@@ -468,6 +470,8 @@ class GLM4V(nn.Module):
         files = checkpoint_files(path)
         with torch.device("meta"):
             model = cls(cfg)
+        if prepare is not None:
+            prepare(model)
         found = {}  # name -> shape, read from the safetensors headers only
         for file in files:
             try:

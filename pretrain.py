@@ -40,6 +40,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import data
+import lora
 import world
 import model as M
 
@@ -93,6 +94,14 @@ class RunConfig:
     activation_checkpointing: bool = _f(None, "recompute each layer in the backward pass (saves memory; default: "
                                               "on for the 9B)")
     compile: bool = _f(False, "torch.compile each ViT block and decoder layer")
+    # LoRA (lora.py): train low-rank adapters on a frozen base instead of every weight
+    lora_rank: int = _f(0, "LoRA rank r: freeze the whole model and train rank-r adapters on the --lora-targets "
+                           "linears (0: full fine-tuning); LoRA wants a higher --lr than full training, e.g. 1e-4")
+    lora_alpha: float = _f(None, "LoRA alpha: the adapters' update is scaled by alpha / r (default: 2r)")
+    lora_targets: str = _f("q,k,v,o,gate_up,down", "comma-separated linears of every decoder layer that get adapters")
+    lora_vision: bool = _f(False, "LoRA: adapters on the ViT blocks' linears too (q,k,v: the fused qkv; o: proj)")
+    lora_export: str = _f("merged", "LoRA export: merged (full Hugging Face weights with the adapters folded in) | "
+                                    "peft (adapter_config.json + adapter_model.safetensors for peft)")
     # checkpoints
     save_every: int = _f(None, "checkpoint every N steps (0: only by time, on a signal and at the end; default: per "
                                "preset and stage)")
@@ -158,8 +167,23 @@ def resolve_run(cfg: RunConfig, defaults: dict) -> RunConfig:
     if cfg.vision_lr_ratio <= 0:
         raise ValueError(f"--vision-lr-ratio must be positive (--freeze-vision freezes the ViT), "
                          f"got {cfg.vision_lr_ratio}")
+    check_lora(cfg)
     cfg.out = cfg.out or os.path.join("runs", cfg.stage)
     return cfg
+
+
+def check_lora(cfg: RunConfig):
+    """Check the LoRA flags; --lora-alpha defaults to 2r (LLaMA-Factory's default)."""
+    if cfg.lora_rank < 0:
+        raise ValueError(f"--lora-rank must be >= 0 (0: full fine-tuning), got {cfg.lora_rank}")
+    if not cfg.lora_rank:
+        return
+    lora.parse_targets(cfg.lora_targets)
+    cfg.lora_alpha = cfg.lora_alpha or 2.0 * cfg.lora_rank
+    if cfg.lora_export not in ("merged", "peft"):
+        raise ValueError(f"--lora-export must be merged or peft, not {cfg.lora_export!r}")
+    if cfg.lora_export == "peft" and not cfg.init_from:
+        raise ValueError("--lora-export peft needs --init-from: a PEFT adapter names the base checkpoint it applies to")
 
 
 def resolve(tc: TrainConfig) -> TrainConfig:
@@ -287,6 +311,11 @@ def build_model(run: RunConfig, cfg: M.Config, state: dict, device, world: int):
     if run.freeze_llm:
         for p in [*model.model.language_model.parameters(), *model.lm_head.parameters()]:
             p.requires_grad = False
+    if run.lora_rank:  # the whole base frozen (bf16 on a GPU), adapters added; their start values join the state
+        lora.add_adapters(model, run.lora_rank, run.lora_alpha, run.lora_targets, run.lora_vision)
+        if device.type == "cuda":
+            lora.cast_frozen(model, torch.bfloat16)
+        state = {**state, **lora.initial_adapter_state(model, run.seed)} if state else state
     blocks = [*model.model.visual.blocks, *model.model.language_model.layers]
     for block in blocks:
         block.activation_checkpointing = run.activation_checkpointing
@@ -365,18 +394,21 @@ def peak_flops(device) -> float:
     return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), 0.0)
 
 
-def flops_per_token(cfg: M.Config, seq_len: int) -> float:
+def flops_per_token(cfg: M.Config, seq_len: int, frozen: bool = False) -> float:
     """Training FLOPs per text token: 6 × (decoder matmul parameters + lm_head) plus causal attention
     (6 · layers · seq_len · heads · head_dim, i.e. 12·L·T·H·D halved for causality). Vision adds per patch
-    6 × ViT parameters + 12 · depth · patches_per_image · hidden, reported separately."""
+    6 × ViT parameters + 12 · depth · patches_per_image · hidden, reported separately. `frozen` (LoRA): the base
+    weights get no weight gradients, 4 × instead of 6 × (the small adapters are not counted)."""
     h, L = cfg.hidden_size, cfg.num_hidden_layers
     per_layer = h * cfg.head_dim * (cfg.num_attention_heads * 2 + cfg.num_key_value_heads * 2) \
         + 3 * h * cfg.intermediate_size
-    return 6 * (L * per_layer + h * cfg.vocab_size) + 6 * L * seq_len * cfg.num_attention_heads * cfg.head_dim
+    return (4 if frozen else 6) * (L * per_layer + h * cfg.vocab_size) \
+        + 6 * L * seq_len * cfg.num_attention_heads * cfg.head_dim
 
 
 def memory_plan(cfg: M.Config, tc: TrainConfig, world: int) -> dict:
-    """Estimated GiB per GPU under FSDP2 full sharding with bf16 compute and fp32 master weights + AdamW."""
+    """Estimated GiB per GPU under FSDP2 full sharding with bf16 compute and fp32 master weights + AdamW; with LoRA
+    a frozen bf16 base and fp32 adapters (gradients and AdamW moments only for those), unsharded on one GPU."""
     with torch.device("meta"):
         m = M.GLM4V(cfg)
     params = sum(p.numel() for p in m.parameters())
@@ -387,14 +419,27 @@ def memory_plan(cfg: M.Config, tc: TrainConfig, world: int) -> dict:
         acts = cfg.num_hidden_layers * T * h * 2 + T * (10 * h + 5 * inter) * 2
     else:  # ~10 hidden-wide and ~5 intermediate-wide bf16 tensors saved per token and layer
         acts = cfg.num_hidden_layers * T * (10 * h + 5 * inter) * 2
-    plan = {"parameters (fp32, sharded)": 4 * params / world / gib,
-            "gradients (fp32, sharded)": 4 * params / world / gib,
-            "AdamW moments (fp32, sharded)": 8 * params / world / gib,
-            "gathered bf16 layers (current + prefetch)": 2 * 2 * layer / gib,
-            f"activations ({T} tokens per micro-batch)": acts / gib,
-            "logits chunk (4096 × vocab, fp32, fwd + bwd)": 2 * 4096 * cfg.vocab_size * 4 / gib}
+    if tc.lora_rank:
+        adapters = lora_parameters(m, tc)
+        plan = {"frozen base (bf16" + (", sharded)" if world > 1 else ")"): 2 * params / world / gib,
+                f"LoRA adapters r={tc.lora_rank}: {adapters / 1e6:.1f}M × fp32 weights, gradients, AdamW":
+                    16 * adapters / world / gib}
+    else:
+        plan = {"parameters (fp32, sharded)": 4 * params / world / gib,
+                "gradients (fp32, sharded)": 4 * params / world / gib,
+                "AdamW moments (fp32, sharded)": 8 * params / world / gib}
+    if world > 1 or not tc.lora_rank:
+        plan["gathered bf16 layers (current + prefetch)"] = 2 * 2 * layer / gib
+    plan.update({f"activations ({T} tokens per micro-batch)": acts / gib,
+                 "logits chunk (4096 × vocab, fp32, fwd + bwd)": 2 * 4096 * cfg.vocab_size * 4 / gib})
     plan["total"] = sum(plan.values())
     return plan
+
+
+def lora_parameters(meta_model, run: RunConfig) -> int:
+    """The trainable parameters of run's LoRA adapters on a meta-device model (which gains them)."""
+    lora.add_adapters(meta_model, run.lora_rank, run.lora_alpha, run.lora_targets, run.lora_vision)
+    return sum(p.numel() for p in meta_model.parameters() if p.requires_grad)
 
 
 def dry_run(tc: TrainConfig, world: int):
@@ -405,14 +450,19 @@ def dry_run(tc: TrainConfig, world: int):
     vision = sum(p.numel() for p in m.model.visual.parameters())
     print(f"model: {tc.preset if not tc.init_from else tc.init_from}  parameters {total:,} "
           f"(vision {vision:,}, language {total - vision:,})")
-    print(f"training FLOPs per text token at seq_len {tc.seq_len}: {flops_per_token(cfg, tc.seq_len) / 1e9:.1f} GFLOP")
+    if tc.lora_rank:
+        print(f"LoRA r={tc.lora_rank} alpha={tc.lora_alpha:g} on {tc.lora_targets}{' + ViT' if tc.lora_vision else ''}:"
+              f" {lora_parameters(m, tc):,} trainable parameters, the rest frozen")
+    flops = flops_per_token(cfg, tc.seq_len, bool(tc.lora_rank))
+    print(f"training FLOPs per text token at seq_len {tc.seq_len}: {flops / 1e9:.1f} GFLOP")
     tokens = tc.global_batch * tc.seq_len
     print(f"global batch {tc.global_batch} × {tc.seq_len} = {tokens:,} tokens/step; {tc.max_steps:,} steps = "
           f"{tokens * tc.max_steps / 1e9:.1f}B tokens")
-    print(f"memory per GPU, world size {world}, FSDP2 full sharding, activation checkpointing "
+    sharding = "FSDP2 full sharding" if world > 1 else "one process, no sharding"
+    print(f"memory per GPU, world size {world}, {sharding}, activation checkpointing "
           f"{'on' if tc.activation_checkpointing else 'off'}:")
     for key, gib in memory_plan(cfg, tc, world).items():
-        print(f"  {key:48s} {gib:8.1f} GiB")
+        print(f"  {key:60s} {gib:8.1f} GiB")
     print(f"each process runs {tc.global_batch // max(1, world)} packed sequences per step (gradient accumulation)")
 
 
@@ -500,6 +550,7 @@ def save_training_state(model, optimizer, trainer_state: dict, out: str, step: i
         os.makedirs(tmp)
     barrier()
     model_state, optim_state = get_state_dict(model, optimizer)
+    model_state = lora.trainable_state_dict(model, model_state)  # LoRA: only the adapters
     warnings.filterwarnings("ignore", message="torch.distributed is disabled")  # one process: that is intended
     try:
         dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=tmp)
@@ -523,9 +574,10 @@ def load_training_state(model, optimizer, path: str, rank: int) -> dict:
     """The checkpoint at `path` into model and optimizer (all of it, or an error listing what does not match —
     never a partial load), this rank's RNG restored; returns the trainer state."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
     model_state, optim_state = get_state_dict(model, optimizer)
+    model_state = lora.trainable_state_dict(model, model_state)  # LoRA: the adapters only
     stored = {k[len("model."):] for k in dcp.FileSystemReader(path).read_metadata().state_dict_metadata
               if k.startswith("model.")}
     missing, unexpected = sorted(set(model_state) - stored), sorted(stored - set(model_state))
@@ -538,7 +590,8 @@ def load_training_state(model, optimizer, path: str, rank: int) -> dict:
         dcp.load(state, checkpoint_id=path)
     except Exception as e:  # DCP reports a shape mismatch (or a damaged shard) as a CheckpointException
         raise ValueError(f"{path} does not fit this model ({str(e).splitlines()[0][:300]})") from e
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                   options=StateDictOptions(strict=not lora.has_adapters(model)))
     own = os.path.join(path, f"trainer_rank{rank}.json")
     with open(own if os.path.exists(own) else os.path.join(path, "trainer_rank0.json")) as f:
         trainer_state = json.load(f)
@@ -560,12 +613,21 @@ def set_rng_state(state: dict):
         torch.cuda.set_rng_state(torch.tensor(state["cuda"], dtype=torch.uint8))
 
 
-def export_hf(model, cfg: M.Config, tokenizer, out: str, rank: int):
+def export_hf(model, cfg: M.Config, tokenizer, out: str, rank: int, lora_export: str = "merged",
+              base_model: str = None):
     """config.json + model.safetensors + tokenizer.json at the top of `out`, written next to the old files and
-    moved over them one by one, so a reader never sees a half-written file."""
+    moved over them one by one, so a reader never sees a half-written file. A LoRA model's adapters are merged
+    into full weights, or with lora_export="peft" written alone as a PEFT adapter of `base_model`."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if rank == 0 and lora.has_adapters(model):
+        if lora_export == "peft":  # adapter_config.json + adapter_model.safetensors + tokenizer.json
+            lora.save_peft(model, state, out, base_model)
+            tokenizer.save(out)
+            barrier()
+            return
+        state = lora.merged_state_dict(model, state)
     if rank == 0:
         tmp = os.path.join(out, ".export.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
@@ -829,7 +891,8 @@ class Trainer:
         self.loader.step = running  # the iterator (or its workers) has already moved on
         save_training_state(self.model, self.optimizer, state, self.tc.out, self.step, self.rank,
                             self.tc.keep_checkpoints)
-        export_hf(self.model, self.cfg, self.tokenizer, self.tc.out, self.rank)
+        export_hf(self.model, self.cfg, self.tokenizer, self.tc.out, self.rank, self.tc.lora_export,
+                  self.tc.init_from)
 
 
 def setup(tc: TrainConfig) -> Trainer:
@@ -893,7 +956,7 @@ def train(tc: TrainConfig):
     run = setup(tc)
     metrics, schedule = Metrics(tc.out, run.rank, run.step), SaveSchedule(tc, run.device)
     autocast = autocast_for(run.device, run.world)
-    flops, peak = flops_per_token(run.cfg, tc.seq_len), peak_flops(run.device) * run.world
+    flops, peak = flops_per_token(run.cfg, tc.seq_len, bool(tc.lora_rank)), peak_flops(run.device) * run.world
     total_tokens, bad_in_a_row, skipped, pending, loss = 0, 0, 0, None, float("nan")
     run.model.train()
     bar = tqdm(total=tc.max_steps, initial=run.step, disable=run.rank != 0, desc=tc.stage, dynamic_ncols=True)

@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 import data
 import evaluate
+import lora
 import model as M
 import pretrain
 import rewards
@@ -495,16 +496,17 @@ def sync_weights(policy, roller):
     (every rank calls full_tensor() in the same order), then cast to the rollout dtype."""
     if roller is policy:
         return
-    for (name, p), (rname, q) in zip(policy.named_parameters(), roller.named_parameters()):
+    for (name, p), (rname, q) in zip(lora.merged_parameters(policy), roller.named_parameters()):  # LoRA: merged
         assert name == rname, (name, rname)
-        q.copy_(p.full_tensor() if hasattr(p, "full_tensor") else p)
+        q.copy_(p)
 
 
 def rollout_model(policy, cfg: M.Config, device, world: int):
-    """The model that generates: the policy itself for one CPU process; otherwise an unsharded copy (bf16 on a GPU,
-    where decoding is memory-bound) refreshed by sync_weights after every update."""
+    """The model that generates: the policy itself for one CPU process, or for one process with LoRA (its base is
+    already bf16 on a GPU; a merged copy would cost another copy of the weights); otherwise an unsharded copy (bf16
+    on a GPU, where decoding is memory-bound) refreshed by sync_weights after every update."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    if world == 1 and dtype == torch.float32:
+    if world == 1 and (dtype == torch.float32 or lora.has_adapters(policy)):
         return policy
     return frozen_copy(policy, cfg, device, dtype)
 
@@ -729,7 +731,8 @@ def save(run: Run):
     """A training checkpoint (with the curriculum, the expansion EMA and the counters) and the HF export."""
     pretrain.save_training_state(run.policy, run.optimizer, run.state_dict(), run.rc.out, run.step, run.rank,
                                  run.rc.keep_checkpoints)
-    pretrain.export_hf(run.policy, run.cfg, run.tokenizer, run.rc.out, run.rank)
+    pretrain.export_hf(run.policy, run.cfg, run.tokenizer, run.rc.out, run.rank, run.rc.lora_export,
+                       run.rc.init_from)
 
 
 def train(rc: RLConfig):

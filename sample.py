@@ -38,7 +38,9 @@ import torch
 import torch.nn.functional as F
 
 import data
+import lora
 import model as M
+import quantize as Q
 import rope2d
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -292,15 +294,31 @@ def generate_replies(model: M.GLM4V, prompts, n: int, max_new_tokens: int, think
 # The command line: chat with a checkpoint
 # ---------------------------------------------------------------------------------------------------------------
 
-def load(checkpoint: str, device="cpu", dtype=None):
-    """(model, tokenizer) from a checkpoint directory: config.json, model.safetensors (or shards), tokenizer.json."""
+def load(checkpoint: str, device="cpu", dtype=None, quantize=None):
+    """(model, tokenizer) from a checkpoint directory: config.json, model.safetensors (or shards), tokenizer.json.
+    Also a PEFT LoRA adapter directory (adapter_config.json, adapter_model.safetensors, tokenizer.json: lora.py),
+    merged into the base checkpoint it names, and an int8 checkpoint (quantize.py). quantize="int8": make the
+    decoder linears and the lm_head weight-only int8 after loading."""
     if not os.path.isdir(checkpoint):
         raise FileNotFoundError(f"checkpoint directory not found: {checkpoint}")
-    for name in ("config.json", "tokenizer.json"):
+    adapter = lora.is_peft_adapter(checkpoint)
+    for name in ("tokenizer.json",) if adapter else ("config.json", "tokenizer.json"):
         if not os.path.exists(os.path.join(checkpoint, name)):
             raise FileNotFoundError(f"{checkpoint} has no {name} (a checkpoint directory holds config.json, "
                                     "model.safetensors and tokenizer.json)")
-    model = M.GLM4V.from_pretrained(checkpoint, dtype=dtype, device=device)
+    if quantize not in (None, "int8"):
+        raise ValueError(f"--quantize must be int8, not {quantize!r}")
+    if adapter:
+        base = lora.read_peft_config(checkpoint).get("base_model_name_or_path")
+        if not base or not os.path.isdir(base):
+            raise FileNotFoundError(f"{checkpoint}: the adapter's base checkpoint {base!r} is not a directory here")
+        model = lora.merge_adapters(lora.load_peft(M.GLM4V.from_pretrained(base, dtype, device), checkpoint))
+    elif Q.is_int8_checkpoint(checkpoint):
+        model = Q.load_int8(checkpoint, dtype, device)
+    else:
+        model = M.GLM4V.from_pretrained(checkpoint, dtype=dtype, device=device)
+    if quantize == "int8" and not isinstance(model.lm_head, Q.Int8Linear):
+        Q.quantize_int8(model)
     tokenizer = data.load_tokenizer(checkpoint)
     if tokenizer.vocab_size > model.cfg.vocab_size:
         raise ValueError(f"{checkpoint}: tokenizer.json has {tokenizer.vocab_size} tokens but the model only "
@@ -472,6 +490,7 @@ def parse_args(argv=None):
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the decode step: CUDA graphs on a GPU, C++ kernels and wrapper on a "
                         "CPU (default: on for CUDA; on a CPU the first reply waits ~25 s)")
+    add_quantize_flag(p)
     args = p.parse_args(argv)
     for name in ("max_new_tokens", "max_seq_len"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
@@ -483,6 +502,11 @@ def parse_args(argv=None):
     if args.think_budget is not None and args.think_budget < 0:
         p.error("--think-budget must be >= 0")
     return args
+
+
+def add_quantize_flag(parser):
+    parser.add_argument("--quantize", choices=["int8"], help="int8: weight-only int8 decoder linears and lm_head "
+                        "(quantize.py), half the weight memory of bf16; an int8 checkpoint needs no flag")
 
 
 def main(argv=None, stdin=sys.stdin, out=sys.stdout):
@@ -499,7 +523,7 @@ def main(argv=None, stdin=sys.stdin, out=sys.stdout):
         for path in args.image + args.video:
             if not os.path.exists(path):
                 raise FileNotFoundError(f"file not found: {path}")
-        model, tokenizer = load(args.checkpoint, device, dtype)
+        model, tokenizer = load(args.checkpoint, device, dtype, args.quantize)
         chat = Chat(model, tokenizer, args, out)
         if args.prompt is None:
             interactive(chat, args.image, args.video, stdin)

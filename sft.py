@@ -10,7 +10,9 @@ tokens per packed sequence and a global batch of 32 for the 9B. One choice of ou
 (`--no-think-share`, 10% by default) have an empty `<think></think>`, which makes `sample.py --no-think` a real
 switch — the released model cannot turn thinking off.
 
-Everything else — the loop, FSDP2, checkpoints, resuming, the Hugging Face export — is pretrain.py's trainer.
+`--lora-rank r` makes it LoRA fine-tuning instead: the model frozen, low-rank adapters trained (lora.py) — what fits
+the 9B on one GPU. Everything else — the loop, FSDP2, checkpoints, resuming, the Hugging Face export — is
+pretrain.py's trainer.
 """
 import pretrain
 
