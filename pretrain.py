@@ -87,6 +87,8 @@ class RunConfig:
     # checkpoints
     save_every: int = _f(None, "checkpoint every N steps (0: only at the end)")
     keep_checkpoints: int = _f(2, "how many training checkpoints to keep")
+    report_to: str = _f(None, "also log every metrics.jsonl row to tensorboard (OUT/tensorboard) or wandb (needs "
+                              "that package; default: metrics.jsonl only)")
 
 
 @dataclass
@@ -95,7 +97,9 @@ class TrainConfig(RunConfig):
     stages: ClassVar[tuple] = ("pretrain", "long", "sft")
     seq_len: int = _f(None, "tokens per packed sequence (default: per preset and stage)")
     global_batch: int = _f(None, "packed sequences per optimizer step, across all processes (default: per preset)")
-    no_think_share: float = _f(0.1, "SFT: share of replies with an empty <think></think> (makes --no-think work)")
+    no_think_share: float = _f(None, "SFT: share of conversations trained with an empty <think></think>, on the "
+                                     "synthetic world and on --data records without a 'thinking' field (makes "
+                                     "--no-think work; default 0.1)")
     num_workers: int = _f(0, "DataLoader workers rendering batches in the background")
     dry_run: bool = _f(False, "build on the meta device, print parameters, FLOPs/token and memory per GPU, exit")
     world_size: int = _f(None, "--dry-run: plan for this many GPUs (default: the current world size)")
@@ -107,7 +111,8 @@ class TrainConfig(RunConfig):
 DEFAULTS = {
     "pretrain": dict(min_lr_ratio=0.1, weight_decay=0.1, save_every=0, activation_checkpointing=False),
     "long": dict(min_lr_ratio=0.1, weight_decay=0.1, save_every=0, activation_checkpointing=False),
-    "sft": dict(min_lr_ratio=0.1, weight_decay=0.1, save_every=0, activation_checkpointing=False),
+    "sft": dict(min_lr_ratio=0.1, weight_decay=0.1, save_every=0, activation_checkpointing=False,
+                no_think_share=0.1),
     ("9b", "pretrain"): dict(seq_len=8192, global_batch=1536, max_steps=120_000, lr=2e-4, activation_checkpointing=True),
     ("9b", "long"): dict(seq_len=32768, global_batch=384, max_steps=10_000, lr=5e-5, activation_checkpointing=True),
     ("9b", "sft"): dict(seq_len=32768, global_batch=32, max_steps=3000, lr=1e-5, activation_checkpointing=True),
@@ -132,6 +137,8 @@ def resolve_run(cfg: RunConfig, defaults: dict) -> RunConfig:
         raise ValueError("--num-layers builds a model from the preset; a model from --init-from keeps its layers")
     if cfg.num_layers is not None and cfg.num_layers < 1:
         raise ValueError(f"--num-layers must be positive, got {cfg.num_layers}")
+    if cfg.report_to not in (None, "tensorboard", "wandb"):
+        raise ValueError(f"--report-to must be tensorboard or wandb, not {cfg.report_to!r}")
     if cfg.vision_lr_ratio <= 0:
         raise ValueError(f"--vision-lr-ratio must be positive (--freeze-vision freezes the ViT), "
                          f"got {cfg.vision_lr_ratio}")
@@ -140,7 +147,12 @@ def resolve_run(cfg: RunConfig, defaults: dict) -> RunConfig:
 
 
 def resolve(tc: TrainConfig) -> TrainConfig:
+    if tc.no_think_share is not None and (tc.stage or tc.stages[0]) != "sft":
+        raise ValueError("--no-think-share shapes SFT replies; it does nothing for --stage "
+                         f"{tc.stage or tc.stages[0]} (use sft.py or --stage sft)")
     resolve_run(tc, DEFAULTS)
+    if tc.no_think_share is not None and not 0 <= tc.no_think_share <= 1:
+        raise ValueError(f"--no-think-share must be within [0, 1], got {tc.no_think_share}")
     if tc.warmup_steps is None:
         tc.warmup_steps = max(1, tc.max_steps // 20)
     return tc
@@ -439,9 +451,19 @@ def set_rng_state(state: dict):
         torch.cuda.set_rng_state(torch.tensor(state["cuda"], dtype=torch.uint8))
 
 
-def export_hf(model, cfg: M.Config, tokenizer, out: str, rank: int):
-    """config.json + model.safetensors + tokenizer.json at the top of `out`, written next to the old files and
-    moved over them one by one, so a reader never sees a half-written file."""
+# What an --init-from directory brings that the export keeps unchanged: how its tokenizer, chat template, processor
+# and generation defaults were released (the legacy names too, which transformers still reads).
+CARRIED_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "chat_template.json",
+                 "special_tokens_map.json", "added_tokens.json", "preprocessor_config.json",
+                 "video_preprocessor_config.json", "processor_config.json", "generation_config.json")
+
+
+def export_hf(model, cfg: M.Config, tokenizer, out: str, rank: int, run: RunConfig = None, step: int = None):
+    """A complete Hugging Face model directory at the top of `out`, laid out like the released one: config.json,
+    generation_config.json, model.safetensors, tokenizer.json, tokenizer_config.json, chat_template.jinja,
+    preprocessor_config.json, video_preprocessor_config.json and a README.md model card. The files of
+    CARRIED_FILES that `run.init_from` has are copied unchanged; the rest are ours. Everything is written next to
+    the old files and moved over them one by one, config.json last, so a reader never sees a half-written file."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
@@ -449,15 +471,49 @@ def export_hf(model, cfg: M.Config, tokenizer, out: str, rank: int):
         tmp = os.path.join(out, ".export.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         M.write_hf_checkpoint(tmp, cfg, state)
-        tokenizer.save(tmp)
-        for stale in os.listdir(out):  # shards of an earlier export that this one does not have
-            if stale.startswith("model") and stale.endswith((".safetensors", ".json")) and \
-                    not os.path.exists(os.path.join(tmp, stale)):
+        data.save_hf_files(tmp, tokenizer, cfg.max_position_embeddings)
+        source = run.init_from if run is not None and run.init_from else None
+        carried = [n for n in CARRIED_FILES if source and os.path.isfile(os.path.join(source, n))]
+        for name in carried:
+            shutil.copyfile(os.path.join(source, name), os.path.join(tmp, name))
+        if "chat_template.json" in carried and "chat_template.jinja" not in carried:
+            os.remove(os.path.join(tmp, "chat_template.jinja"))  # the released template, not ours beside it
+        if run is not None:
+            write_atomic(os.path.join(tmp, "README.md"), model_card(run, step, out, carried))
+        for stale in os.listdir(out):  # shards (or a template) of an earlier export that this one does not have
+            ours = stale == "chat_template.jinja" or stale.startswith("model") and stale.endswith((".safetensors",
+                                                                                                   ".json"))
+            if ours and not os.path.exists(os.path.join(tmp, stale)):
                 os.remove(os.path.join(out, stale))
         for name in sorted(os.listdir(tmp), key=lambda n: n == "config.json"):  # config last
             os.replace(os.path.join(tmp, name), os.path.join(out, name))
         shutil.rmtree(tmp, ignore_errors=True)
     barrier()
+
+
+def model_card(run: RunConfig, step: int, out: str, carried) -> str:
+    """README.md of an export: what was trained, from what, on which data, for how many steps, and its held-out
+    accuracy when `evaluate.py` has written an eval.json into the directory."""
+    data_text = f"`{os.path.basename(run.data)}`" if run.data else \
+        f"the synthetic world (domains: {run.tasks or 'all'}; levels: {run.levels or 'all'})"
+    start = f"`{run.init_from}`" if run.init_from else f"random weights (preset `{run.preset}`)"
+    lines = ["---", "library_name: transformers", "pipeline_tag: image-text-to-text", "tags: [glm4v]", "---", "",
+             f"# GLM-4.1V-Thinking: {run.stage}", "",
+             f"- stage: {run.stage} ({ {'rl': 'rlcs.py', 'sft': 'sft.py'}.get(run.stage, 'pretrain.py') })",
+             f"- started from: {start}", f"- data: {data_text}",
+             f"- steps: {step if step is not None else '?'} of {run.max_steps}",
+             f"- files kept from the starting directory: {', '.join(carried) if carried else 'none'}"]
+    evaluation = os.path.join(out, "eval.json")
+    if os.path.exists(evaluation):
+        with open(evaluation) as f:
+            result = json.load(f)
+        scores = {k: v for k, v in result.items() if k not in ("n_per_domain", "seed", "temperature")
+                  and isinstance(v, float)}
+        lines.append(f"- held-out accuracy (eval.json, {result.get('n_per_domain')} items per domain): " +
+                     ", ".join(f"{k} {v:.3f}" for k, v in scores.items()))
+    lines += ["", "Load it with `transformers` (`Glm4vForConditionalGeneration`, `AutoProcessor`) or with "
+              "`model.GLM4V.from_pretrained` / `sample.py --checkpoint` of this repository.", ""]
+    return "\n".join(lines)
 
 
 def rank_world():
@@ -484,10 +540,11 @@ def barrier():
 
 
 def data_source(tc: TrainConfig):
-    """The stage's data: JSONL when given, else the synthetic world — captions for pretraining (no video in stage
-    1, paper §3.2), reasoning conversations for SFT."""
+    """The stage's data: the --data file (JSONL or a JSON array; SFT's no-think share applies to it too) when
+    given, else the synthetic world — captions for pretraining (no video in stage 1, paper §3.2), reasoning
+    conversations for SFT."""
     if tc.data:
-        return data.JsonlSource(tc.data)
+        return data.JsonlSource(tc.data, no_think_share=tc.no_think_share or 0.0, seed=tc.seed)
     levels = tuple(int(x) for x in tc.levels.split(",")) if tc.levels else world.LEVELS
     if tc.tasks:
         tasks = tuple(tc.tasks.split(","))
@@ -513,21 +570,54 @@ def to_device(batch: dict, device) -> dict:
 
 
 class Metrics:
-    """metrics.jsonl, one JSON object per step; on resume, lines after the resumed step are dropped."""
+    """metrics.jsonl, one JSON object per step; on resume, lines after the resumed step are dropped. With
+    report_to ("tensorboard" | "wandb") every row's numbers also go to that tracker, at the row's step."""
 
-    def __init__(self, out: str, rank: int, resume_step: int):
-        self.path, self.rank = os.path.join(out, "metrics.jsonl"), rank
+    def __init__(self, out: str, rank: int, resume_step: int, report_to: str = None):
+        self.path, self.rank, self.log_to = os.path.join(out, "metrics.jsonl"), rank, None
         if rank == 0:
             kept = []
             if resume_step and os.path.exists(self.path):
                 with open(self.path) as f:
                     kept = [line for line in f if line.strip() and json.loads(line)["step"] <= resume_step]
             write_atomic(self.path, "".join(kept))
+            if report_to:
+                self.log_to = tracker(report_to, out)
 
     def write(self, row: dict):
         if self.rank == 0:
             with open(self.path, "a") as f:
                 f.write(json.dumps(row) + "\n")
+            if self.log_to:
+                self.log_to({k: v for k, v in row.items() if k != "step" and isinstance(v, (int, float))
+                             and not isinstance(v, bool)}, row["step"])
+
+
+def tracker(name: str, out: str):
+    """A function (numbers, step) that logs to TensorBoard (event files in OUT/tensorboard) or Weights & Biases
+    (a run named after OUT, configured with the run's *_config.json); the package is imported only here."""
+    try:
+        if name == "tensorboard":
+            from torch.utils.tensorboard import SummaryWriter
+        else:
+            import wandb
+    except ImportError as e:
+        raise ImportError(f"--report-to {name} needs the {name} package: pip install {name}") from e
+    if name == "tensorboard":
+        writer = SummaryWriter(os.path.join(out, "tensorboard"))
+
+        def log(numbers, step):
+            for key, value in numbers.items():
+                writer.add_scalar(key, value, step)
+            writer.flush()  # a crash loses no step the metrics file has
+        return log
+    config = {}
+    for file in ("train_config.json", "rl_config.json"):
+        if os.path.exists(os.path.join(out, file)):
+            with open(os.path.join(out, file)) as f:
+                config.update(json.load(f))
+    run = wandb.init(project="glm4v", name=os.path.basename(os.path.abspath(out)), dir=out, config=config)
+    return lambda numbers, step: run.log(numbers, step=step)
 
 
 def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
@@ -611,7 +701,7 @@ def train(tc: TrainConfig):
         log(json.dumps(dataclasses.asdict(tc)))
         log(f"{sum(p.numel() for p in model.parameters()):,} parameters on {world} × {device.type}; "
             f"{tc.global_batch} × {tc.seq_len} tokens per step")
-    metrics = Metrics(tc.out, rank, step)
+    metrics = Metrics(tc.out, rank, step, tc.report_to)
     autocast = autocast_for(device, world)
     flops, peak = flops_per_token(cfg, tc.seq_len), peak_flops(device) * world
     total_tokens, bad_in_a_row, skipped = 0, 0, 0
@@ -644,7 +734,7 @@ def train(tc: TrainConfig):
             loader.step = step  # the data position of the next step: workers may have run ahead
             save_training_state(model, optimizer, {"step": step, "data": loader.state_dict()}, tc.out, step, rank,
                                 tc.keep_checkpoints)
-            export_hf(model, cfg, tokenizer, tc.out, rank)
+            export_hf(model, cfg, tokenizer, tc.out, rank, tc, step)
     bar.close()
     log(f"done: step {step}, loss {loss:.4f}; Hugging Face checkpoint in {tc.out}")
     teardown_distributed()

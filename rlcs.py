@@ -706,7 +706,7 @@ def train(rc: RLConfig):
     """The RL loop, under torchrun or not: rollout → score → select → update → log, checkpoints every save_every
     iterations and at the end. Returns the policy."""
     run = setup(rc)
-    metrics = pretrain.Metrics(rc.out, run.rank, run.step)
+    metrics = pretrain.Metrics(rc.out, run.rank, run.step, rc.report_to)
     bad_in_a_row = 0
     bar = tqdm(total=rc.max_steps, initial=run.step, disable=run.rank != 0, desc="rlcs", dynamic_ncols=True)
     while not run.finished():
@@ -735,7 +735,7 @@ def train(rc: RLConfig):
         if run.finished() or (rc.save_every and run.step % rc.save_every == 0):
             pretrain.save_training_state(run.policy, run.optimizer, run.state_dict(), rc.out, run.step, run.rank,
                                          rc.keep_checkpoints)
-            pretrain.export_hf(run.policy, run.cfg, run.tokenizer, rc.out, run.rank)
+            pretrain.export_hf(run.policy, run.cfg, run.tokenizer, rc.out, run.rank, rc, run.step)
     bar.close()
     pretrain.log(f"done: iteration {run.step}, {run.totals['rollouts']:,} rollouts; Hugging Face checkpoint in "
                  f"{rc.out}")

@@ -295,7 +295,7 @@ def generate_replies(model: M.GLM4V, prompts, n: int, max_new_tokens: int, think
 def load(checkpoint: str, device="cpu", dtype=None):
     """(model, tokenizer) from a checkpoint directory: config.json, model.safetensors (or shards), tokenizer.json."""
     if not os.path.isdir(checkpoint):
-        raise FileNotFoundError(f"checkpoint directory not found: {checkpoint}")
+        raise FileNotFoundError(M.not_found(checkpoint))
     for name in ("config.json", "tokenizer.json"):
         if not os.path.exists(os.path.join(checkpoint, name)):
             raise FileNotFoundError(f"{checkpoint} has no {name} (a checkpoint directory holds config.json, "
@@ -354,13 +354,6 @@ def boxed_answer(reply: str):
     return None if box is None else box.strip()
 
 
-def chat_history_reply(reply: str) -> str:
-    """What a reply contributes to the next turn's prompt: its answer without the reasoning or end token."""
-    for s in M.END_OF_TURN:
-        reply = reply.replace(s, "")
-    return reply.split(data.THINK_CLOSE, 1)[1].lstrip() if data.THINK_CLOSE in reply else reply
-
-
 class Chat:
     """A conversation: messages plus the images and videos they refer to (processed once, in order)."""
 
@@ -404,7 +397,8 @@ class Chat:
         else:
             printer.add([t for tokens, _ in stream for t in tokens.tolist()])
         reply = printer.finish()
-        self.messages = messages + [{"role": "assistant", "content": chat_history_reply(reply)}]
+        # later turns see it as the released client keeps it: its answer, without the reasoning (data.history_reply)
+        self.messages = messages + [{"role": "assistant", "content": data.history_reply(reply)}]
         self.images += images
         self.videos += videos
         return reply

@@ -397,7 +397,8 @@ def test_jsonl_source_formats_and_lengths(tmp_path, tok):
 
 @pytest.mark.parametrize("line, message", [
     ("{not json", "d.jsonl:2: not valid JSON"),
-    ({"text": "no image"}, "d.jsonl:2: expected 'messages'"),
+    ({"text": "no image"}, "d.jsonl:2: the record fits none of the accepted forms: \"messages\" .*ShareGPT.*"
+                           "caption pair.*keys \\['text'\\]"),
     ({"image": "missing.png", "text": "x"}, "d.jsonl:2: file not found: missing.png"),
     ({"messages": [{"role": "user", "content": "<image><image>x"}], "images": ["a.png"]}, "d.jsonl:2: .*2 images"),
     ({"messages": [{"role": "bot", "content": "x"}]}, "d.jsonl:2: .*unknown role"),
