@@ -5,7 +5,8 @@ default data is world.py.)
     PIL image ──process_image──► pixel_values (N, 3·2·14·14), image_grid_thw (1, 3)
     frames | folder | GIF | mp4 ──process_video──► Video(pixel_values_videos, video_grid_thw, timestamps)
     messages + images/videos ──render_chat──► input_ids, loss_mask + the vision tensors
-    JSONL | world.SyntheticSource ──PackedLoader──► fixed-length packs (input_ids, labels, positions, cu_seqlens)
+    JSONL / .json (OpenAI, ShareGPT, alpaca) | world.SyntheticSource ──PackedLoader──► fixed-length packs
+    tokenizer + processor constants ──save_hf_files──► the Hugging Face files next to exported weights
     python data.py filter IN.jsonl OUT.jsonl   the quality pipeline (paper §3.1)
 
 Choices made here, where the paper and the reference implementation leave room:
@@ -13,10 +14,15 @@ Choices made here, where the paper and the reference implementation leave room:
   follow its video processor for frame sampling, resize targets, patch order and the prompt layout; frames are
   resized with PIL bicubic like still images (the reference video path uses torchvision, which differs by
   interpolation round-off).
-- The rendered text is exactly the released chat template. Its assistant turns have no end token (the next
-  `<|user|>` ends them), so for training the loss covers each assistant reply *and the token that ends it*: the
-  following `<|user|>`, or an appended `<|endoftext|>` after the last reply. Both are stop tokens of the model.
-  `thinking=False` prefills `<think></think>` (outside the loss), which makes "no thinking" a real switch.
+- The rendered text is exactly the released chat template (CHAT_TEMPLATE, which every export carries). Its
+  assistant turns have no end token (the next `<|user|>` ends them), so for training the loss covers each assistant
+  reply *and the token that ends it*: the following `<|user|>`, or an appended `<|endoftext|>` after the last
+  reply. Both are stop tokens of the model. `thinking=False` prefills `<think></think>` (outside the loss; the
+  template's `enable_thinking=False`), which makes "no thinking" a real switch.
+- Earlier turns' replies are shown as the released model's client shows them, by their answer alone
+  (`history_reply`), in training as in chat; one that lost its reasoning that way is context, not a target.
+- Datasets come as users bring them: JSONL or a JSON array, in the OpenAI / LLaMA-Factory, ShareGPT or alpaca
+  form, or caption pairs (`parse_record`).
 - Caption pairs (pretraining) are rendered without chat roles: `[gMASK]<sop>` image caption `<|endoftext|>`,
   loss on the caption and the end token.
 - Packs hold whole samples, greedily in stream order (a sample that does not fit starts the next pack; one longer
@@ -59,7 +65,7 @@ TEMPORAL_PATCH_SIZE = M.Config.temporal_patch_size  # 2 frames fold into one pat
 MERGE_SIZE = M.Config.spatial_merge_size  # 2×2 patches become one visual token
 FACTOR = PATCH_SIZE * MERGE_SIZE  # both sides become multiples of 28
 IMAGE_MIN_PIXELS = 112 * 112
-IMAGE_MAX_PIXELS = 28 * 28 * 15000
+IMAGE_MAX_PIXELS = 28 * 28 * 12288  # the released preprocessor_config.json (transformers' class default: 28·28·15000)
 VIDEO_MIN_PIXELS = 112 * 112
 VIDEO_MAX_PIXELS = 28 * 28 * 2 * 30000
 VIDEO_MAX_DURATION = 300.0  # seconds; longer videos are sampled uniformly instead of at `fps`

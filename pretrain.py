@@ -17,7 +17,8 @@ FSDP2 `fully_shard` per ViT block and decoder layer then the root, a bf16/fp32 `
 no autocast under FSDP. The data order depends only on the global step, so 1 and N processes see the same global
 batches and produce the same losses. Training state is checkpointed with `torch.distributed.checkpoint` into a
 temporary directory that is renamed into place only when complete, so a crash mid-save never harms the previous
-checkpoint; a Hugging Face-format export (config.json, safetensors, tokenizer.json) sits at the top of --out.
+checkpoint; a complete Hugging Face model directory (weights, config, generation config, tokenizer, chat
+template, processor configs, model card) is exported at the top of --out.
 """
 import argparse
 import dataclasses
