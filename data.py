@@ -921,10 +921,14 @@ def _turns(obj: dict) -> list:
         turns = [{"role": SHAREGPT_ROLES[t.get("from", t.get("role"))], "content": t.get("value", t.get("content"))}
                  for t in turns]
     else:  # alpaca: earlier (query, reply) pairs, then the instruction (and its input) and the output
+        history = obj.get("history") or []
+        if not isinstance(history, list) or any(not isinstance(p, list) or len(p) != 2 for p in history):
+            raise ValueError("'history' must be a list of [query, reply] pairs")
+        turns = [{"role": role, "content": text} for pair in history for role, text in zip(("user", "assistant"), pair)]
         query = "\n".join(str(obj[key]) for key in ("instruction", "input") if obj.get(key))
-        turns = [{"role": role, "content": text} for pair in obj.get("history") or []
-                 for role, text in zip(("user", "assistant"), pair)]
-        turns += [{"role": "user", "content": query}, {"role": "assistant", "content": obj.get("output", "")}]
+        turns.append({"role": "user", "content": query})
+        if "output" in obj:  # an RL prompt has none
+            turns.append({"role": "assistant", "content": obj["output"]})
     if not isinstance(turns, list) or not turns:
         raise ValueError("the conversation must be a non-empty list of messages")
     system = obj.get("system")

@@ -482,9 +482,8 @@ def export_hf(model, cfg: M.Config, tokenizer, out: str, rank: int, run: RunConf
         if run is not None:
             write_atomic(os.path.join(tmp, "README.md"), model_card(run, step, out, carried))
         for stale in os.listdir(out):  # shards (or a template) of an earlier export that this one does not have
-            ours = stale == "chat_template.jinja" or stale.startswith("model") and stale.endswith((".safetensors",
-                                                                                                   ".json"))
-            if ours and not os.path.exists(os.path.join(tmp, stale)):
+            shard = stale.startswith("model") and stale.endswith((".safetensors", ".json"))
+            if (shard or stale == "chat_template.jinja") and not os.path.exists(os.path.join(tmp, stale)):
                 os.remove(os.path.join(out, stale))
         for name in sorted(os.listdir(tmp), key=lambda n: n == "config.json"):  # config last
             os.replace(os.path.join(tmp, name), os.path.join(out, name))
@@ -498,9 +497,9 @@ def model_card(run: RunConfig, step: int, out: str, carried) -> str:
     data_text = f"`{os.path.basename(run.data)}`" if run.data else \
         f"the synthetic world (domains: {run.tasks or 'all'}; levels: {run.levels or 'all'})"
     start = f"`{run.init_from}`" if run.init_from else f"random weights (preset `{run.preset}`)"
+    script = {"rl": "rlcs.py", "sft": "sft.py"}.get(run.stage, "pretrain.py")
     lines = ["---", "library_name: transformers", "pipeline_tag: image-text-to-text", "tags: [glm4v]", "---", "",
-             f"# GLM-4.1V-Thinking: {run.stage}", "",
-             f"- stage: {run.stage} ({ {'rl': 'rlcs.py', 'sft': 'sft.py'}.get(run.stage, 'pretrain.py') })",
+             f"# GLM-4.1V-Thinking: {run.stage}", "", f"- stage: {run.stage} ({script})",
              f"- started from: {start}", f"- data: {data_text}",
              f"- steps: {step if step is not None else '?'} of {run.max_steps}",
              f"- files kept from the starting directory: {', '.join(carried) if carried else 'none'}"]
