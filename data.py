@@ -5,7 +5,8 @@ default data is world.py.)
     PIL image ──process_image──► pixel_values (N, 3·2·14·14), image_grid_thw (1, 3)
     frames | folder | GIF | mp4 ──process_video──► Video(pixel_values_videos, video_grid_thw, timestamps)
     messages + images/videos ──render_chat──► input_ids, loss_mask + the vision tensors
-    JSONL | world.SyntheticSource ──PackedLoader──► fixed-length packs (input_ids, labels, positions, cu_seqlens)
+    JSONL / .json (OpenAI, ShareGPT, alpaca) | world.SyntheticSource ──PackedLoader──► fixed-length packs
+    tokenizer + processor constants ──save_hf_files──► the Hugging Face files next to exported weights
     python data.py filter IN.jsonl OUT.jsonl   the quality pipeline (paper §3.1)
 
 Choices made here, where the paper and the reference implementation leave room:
@@ -13,10 +14,15 @@ Choices made here, where the paper and the reference implementation leave room:
   follow its video processor for frame sampling, resize targets, patch order and the prompt layout; frames are
   resized with PIL bicubic like still images (the reference video path uses torchvision, which differs by
   interpolation round-off).
-- The rendered text is exactly the released chat template. Its assistant turns have no end token (the next
-  `<|user|>` ends them), so for training the loss covers each assistant reply *and the token that ends it*: the
-  following `<|user|>`, or an appended `<|endoftext|>` after the last reply. Both are stop tokens of the model.
-  `thinking=False` prefills `<think></think>` (outside the loss), which makes "no thinking" a real switch.
+- The rendered text is exactly the released chat template (CHAT_TEMPLATE, which every export carries). Its
+  assistant turns have no end token (the next `<|user|>` ends them), so for training the loss covers each assistant
+  reply *and the token that ends it*: the following `<|user|>`, or an appended `<|endoftext|>` after the last
+  reply. Both are stop tokens of the model. `thinking=False` prefills `<think></think>` (outside the loss; the
+  template's `enable_thinking=False`), which makes "no thinking" a real switch.
+- Earlier turns' replies are shown as the released model's client shows them, by their answer alone
+  (`history_reply`), in training as in chat; one that lost its reasoning that way is context, not a target.
+- Datasets come as users bring them: JSONL or a JSON array, in the OpenAI / LLaMA-Factory, ShareGPT or alpaca
+  form, or caption pairs (`parse_record`).
 - Caption pairs (pretraining) are rendered without chat roles: `[gMASK]<sop>` image caption `<|endoftext|>`,
   loss on the caption and the end token.
 - Packs hold whole samples, greedily in stream order (a sample that does not fit starts the next pack; one longer
@@ -28,9 +34,11 @@ Choices made here, where the paper and the reference implementation leave room:
   w takes a contiguous 1/w of them, so any world size sees the same global batches.
 """
 import argparse
+import base64
 import dataclasses
 import hashlib
 import importlib
+import io
 import json
 import math
 import os
@@ -57,7 +65,7 @@ TEMPORAL_PATCH_SIZE = M.Config.temporal_patch_size  # 2 frames fold into one pat
 MERGE_SIZE = M.Config.spatial_merge_size  # 2×2 patches become one visual token
 FACTOR = PATCH_SIZE * MERGE_SIZE  # both sides become multiples of 28
 IMAGE_MIN_PIXELS = 112 * 112
-IMAGE_MAX_PIXELS = 28 * 28 * 15000
+IMAGE_MAX_PIXELS = 28 * 28 * 12288  # the released preprocessor_config.json (transformers' class default: 28·28·15000)
 VIDEO_MIN_PIXELS = 112 * 112
 VIDEO_MAX_PIXELS = 28 * 28 * 2 * 30000
 VIDEO_MAX_DURATION = 300.0  # seconds; longer videos are sampled uniformly instead of at `fps`
@@ -401,6 +409,8 @@ def load_tokenizer(path) -> Tokenizer:
     """A released `tokenizer.json` (or a directory holding one, e.g. a checkpoint) -> Tokenizer; special tokens are
     looked up by string, so the 9B's ids and the tiny preset's both come out right."""
     path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(M.not_found(path, "tokenizer"))
     file = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
     if not os.path.exists(file):
         raise FileNotFoundError(f"no tokenizer.json at {path}")
@@ -438,6 +448,53 @@ def tiny_tokenizer() -> Tokenizer:
                                 for s in M.TINY_SPECIAL_TOKENS + tuple(reserved)])
     assert backend.get_vocab_size() == vocab_size
     return Tokenizer(backend, source="tiny byte-level tokenizer")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The Hugging Face files next to the weights: tokenizer, chat template, image and video processor
+# ---------------------------------------------------------------------------------------------------------------
+
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
+
+
+def tokenizer_config(tokenizer: Tokenizer, model_max_length: int) -> dict:
+    """tokenizer_config.json as the released model has it: eos and pad `<|endoftext|>`, left padding (batched
+    generation), the special tokens by id. `PreTrainedTokenizerFast` loads in transformers 4 and 5 alike."""
+    specials = {str(i): {"content": t.content, "lstrip": t.lstrip, "normalized": t.normalized, "rstrip": t.rstrip,
+                         "single_word": t.single_word, "special": t.special}
+                for i, t in sorted(tokenizer.backend.get_added_tokens_decoder().items())}
+    pad = tokenizer.backend.id_to_token(tokenizer.pad_token_id)
+    return {"added_tokens_decoder": specials, "clean_up_tokenization_spaces": False, "eos_token": pad,
+            "model_input_names": ["input_ids", "attention_mask"], "model_max_length": model_max_length,
+            "pad_token": pad, "padding_side": "left", "tokenizer_class": "PreTrainedTokenizerFast"}
+
+
+def processor_configs() -> dict:
+    """preprocessor_config.json and video_preprocessor_config.json: this processor's constants in the released
+    files' fields (`size` holds the pixel budgets: shortest_edge = min pixels, longest_edge = max pixels)."""
+    common = {"do_rescale": True, "patch_size": PATCH_SIZE, "temporal_patch_size": TEMPORAL_PATCH_SIZE,
+              "merge_size": MERGE_SIZE, "image_mean": list(CLIP_MEAN), "image_std": list(CLIP_STD),
+              "processor_class": "Glm4vProcessor"}
+    image = {"size": {"shortest_edge": IMAGE_MIN_PIXELS, "longest_edge": IMAGE_MAX_PIXELS}, **common,
+             "image_processor_type": "Glm4vImageProcessor"}
+    video = {"size": {"shortest_edge": VIDEO_MIN_PIXELS, "longest_edge": VIDEO_MAX_PIXELS}, **common, "fps": VIDEO_FPS,
+             "video_processor_type": "Glm4vVideoProcessor"}
+    return {"preprocessor_config.json": image, "video_preprocessor_config.json": video}
+
+
+def save_hf_files(directory, tokenizer: Tokenizer, model_max_length: int) -> list:
+    """Write what transformers' AutoTokenizer / AutoProcessor read next to the weights: tokenizer.json,
+    tokenizer_config.json, chat_template.jinja, preprocessor_config.json, video_preprocessor_config.json. Returns
+    the file names."""
+    os.makedirs(directory, exist_ok=True)
+    tokenizer.save(directory)
+    files = {"tokenizer_config.json": tokenizer_config(tokenizer, model_max_length), **processor_configs()}
+    for name, content in files.items():
+        with open(os.path.join(directory, name), "w") as f:
+            f.write(json.dumps(content, indent=2) + "\n")
+    with open(os.path.join(directory, CHAT_TEMPLATE_FILE), "w") as f:
+        f.write(CHAT_TEMPLATE)
+    return ["tokenizer.json", *files, CHAT_TEMPLATE_FILE]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -492,6 +549,53 @@ def split_reply(reply: str):
     return None, reply
 
 
+def history_reply(reply: str) -> str:
+    """What a reply leaves in the context of later turns, as the released model's own client keeps it: the body of
+    `<answer>…</answer>` when there is one, else what follows `</think>`, else the reply; end-of-turn tokens
+    removed. The reasoning is never carried into later turns (GLM-V keeps `<think>` content out of the history)."""
+    for token in M.END_OF_TURN:
+        reply = reply.replace(token, "")
+    if ANSWER_OPEN in reply and ANSWER_CLOSE in reply.split(ANSWER_OPEN, 1)[1]:
+        return reply.split(ANSWER_OPEN, 1)[1].split(ANSWER_CLOSE, 1)[0]
+    return reply.split(THINK_CLOSE, 1)[1] if THINK_CLOSE in reply else reply
+
+
+# The released GLM-4.1V chat template (zai-org/GLM-4.1V-9B-Thinking, chat_template.jinja) with one addition of ours:
+# `enable_thinking=False` prefills `<think></think>` after the generation prompt. transformers renders it with
+# trim_blocks and lstrip_blocks; `render_chat` writes the same text, and every export carries this file.
+CHAT_TEMPLATE = r"""[gMASK]<sop>
+{%- for msg in messages %}
+    {%- if msg.role == 'system' %}
+<|system|>
+{{ msg.content }}
+    {%- elif msg.role == 'user' %}
+<|user|>{{ '\n' }}
+
+        {%- if msg.content is string %}
+{{ msg.content }}
+        {%- else %}
+            {%- for item in msg.content %}
+                {%- if item.type == 'video' or 'video' in item %}
+<|begin_of_video|><|video|><|end_of_video|>
+                {%- elif item.type == 'image' or 'image' in item %}
+<|begin_of_image|><|image|><|end_of_image|>
+                {%- elif item.type == 'text' %}
+{{ item.text }}
+                {%- endif %}
+            {%- endfor %}
+        {%- endif %}
+    {%- elif msg.role == 'assistant' %}
+        {%- if msg.metadata %}
+<|assistant|>{{ msg.metadata }}
+{{ msg.content }}
+        {%- else %}
+<|assistant|>
+{{ msg.content }}
+        {%- endif %}
+    {%- endif %}
+{%- endfor %}
+{% if add_generation_prompt %}<|assistant|>
+{% if enable_thinking is defined and not enable_thinking %}<think></think>{% endif %}{% endif %}"""
 
 
 def _image_text(num_tokens: int) -> str:
@@ -520,62 +624,73 @@ def _tokenize_pieces(pieces, tokenizer: Tokenizer):
     return (torch.tensor(ids, dtype=torch.long), torch.from_numpy(char_loss[starts].copy()), text)
 
 
+def _user_pieces(k: int, content, image_tokens, videos, used: dict) -> list:
+    """A user turn's content as pieces (none in the loss); `used` counts the images and videos placed so far."""
+    pieces = []
+    for item in ([{"type": "text", "text": content}] if isinstance(content, str) else content):
+        if not isinstance(item, dict):
+            raise ValueError(f"message {k}: content items must be dicts, got {item!r:.80}")
+        if item.get("type") == "video" or "video" in item:  # the template checks video first, then image
+            if used["videos"] >= len(videos):
+                raise ValueError(f"messages use more videos than the {len(videos)} given")
+            pieces.append((_video_text(*videos[used["videos"]]), False))
+            used["videos"] += 1
+        elif item.get("type") == "image" or "image" in item:
+            if used["images"] >= len(image_tokens):
+                raise ValueError(f"messages use more images than the {len(image_tokens)} given")
+            pieces.append((_image_text(image_tokens[used["images"]]), False))
+            used["images"] += 1
+        elif item.get("type") == "text":
+            pieces.append((str(item.get("text", "")), False))
+        else:
+            raise ValueError(f"message {k}: unknown content item type {item.get('type')!r}")
+    return pieces
+
+
 def _chat_pieces(messages, image_tokens, videos, thinking: bool, add_generation_prompt):
     """The released template as (text, in_loss) pieces. image_tokens: merged-token count per image; videos:
     (grid, timestamps) per video, both in order of appearance."""
     if not isinstance(messages, (list, tuple)) or not messages:
         raise ValueError("messages must be a non-empty list of {'role', 'content'} dicts")
-    if add_generation_prompt is None:
-        add_generation_prompt = messages[-1].get("role") != "assistant"
-    pieces = [("[gMASK]<sop>", False)]
-    n_images = n_videos = 0
-    previous = None
     for k, msg in enumerate(messages):
         if not isinstance(msg, dict) or "role" not in msg or "content" not in msg:
             raise ValueError(f"message {k} must be a dict with 'role' and 'content', got {msg!r:.80}")
+    if add_generation_prompt is None:
+        add_generation_prompt = messages[-1]["role"] != "assistant"
+    last_user = max((k for k, m in enumerate(messages) if m["role"] == "user"), default=-1)
+    pieces, used = [("[gMASK]<sop>", False)], {"images": 0, "videos": 0}
+    learned = False  # whether the reply before this turn is learned: then so is the <|user|> that ends it
+    for k, msg in enumerate(messages):
         role, content = msg["role"], msg["content"]
         if role == "system":
             if not isinstance(content, str):
                 raise ValueError(f"message {k}: system content must be a string")
             pieces.append(("<|system|>\n" + content, False))
         elif role == "user":
-            pieces.append(("<|user|>", previous == "assistant"))  # it ends the assistant turn before it
-            pieces.append(("\n", False))
-            for item in ([{"type": "text", "text": content}] if isinstance(content, str) else content):
-                if not isinstance(item, dict):
-                    raise ValueError(f"message {k}: content items must be dicts, got {item!r:.80}")
-                if item.get("type") == "video" or "video" in item:
-                    if n_videos >= len(videos):
-                        raise ValueError(f"messages use more videos than the {len(videos)} given")
-                    pieces.append((_video_text(*videos[n_videos]), False))
-                    n_videos += 1
-                elif item.get("type") == "image" or "image" in item:
-                    if n_images >= len(image_tokens):
-                        raise ValueError(f"messages use more images than the {len(image_tokens)} given")
-                    pieces.append((_image_text(image_tokens[n_images]), False))
-                    n_images += 1
-                elif item.get("type") == "text":
-                    pieces.append((str(item.get("text", "")), False))
-                else:
-                    raise ValueError(f"message {k}: unknown content item type {item.get('type')!r}")
+            pieces += [("<|user|>", learned), ("\n", False)] + _user_pieces(k, content, image_tokens, videos, used)
+            learned = False
         elif role == "assistant":
             if not isinstance(content, str):
                 raise ValueError(f"message {k}: assistant content must be a string")
             pieces.append((f"<|assistant|>{msg.get('metadata') or ''}\n", False))
-            if thinking:
+            if k < last_user:  # an earlier reply, as the released client keeps it; learned only if that is all of it
+                shown = history_reply(content)
+                learned = shown == content
+                pieces.append((shown, learned))
+            elif thinking:
                 pieces.append((content, True))
+                learned = True
             else:  # no-think: an empty think block is part of the prompt, the answer is learned
-                pieces.append(("<think></think>", False))
-                pieces.append((split_reply(content)[1], True))
+                pieces += [("<think></think>", False), (split_reply(content)[1], True)]
+                learned = True
         else:
             raise ValueError(f"message {k}: unknown role {role!r} (system, user or assistant)")
-        previous = role
-    if n_images != len(image_tokens) or n_videos != len(videos):
-        raise ValueError(f"messages use {n_images} images and {n_videos} videos, but {len(image_tokens)} images and "
-                         f"{len(videos)} videos were given")
+    if used["images"] != len(image_tokens) or used["videos"] != len(videos):
+        raise ValueError(f"messages use {used['images']} images and {used['videos']} videos, but "
+                         f"{len(image_tokens)} images and {len(videos)} videos were given")
     if add_generation_prompt:
         pieces.append(("<|assistant|>\n" + ("" if thinking else "<think></think>"), False))
-    elif previous == "assistant":
+    elif messages[-1]["role"] == "assistant":
         pieces.append(("<|endoftext|>", True))  # the last reply must learn to stop too
     return pieces
 
@@ -609,7 +724,7 @@ def render_chat(messages, tokenizer: Tokenizer, images=(), videos=(), thinking: 
                 add_generation_prompt: bool = None, *, min_pixels: int = IMAGE_MIN_PIXELS,
                 max_pixels: int = IMAGE_MAX_PIXELS, video_fps: float = 2.0, video_max_frames: int = None,
                 video_min_pixels: int = VIDEO_MIN_PIXELS, video_max_pixels: int = VIDEO_MAX_PIXELS) -> dict:
-    """A conversation -> model inputs, rendered exactly like the released GLM-4.1V chat template:
+    """A conversation -> model inputs, rendered exactly like the released GLM-4.1V chat template (CHAT_TEMPLATE):
     `[gMASK]<sop>` then `<|system|>\\n…`, `<|user|>\\n…`, `<|assistant|>\\n…` per message, and `<|assistant|>\\n`
     as the generation prompt (default: when the last message is not the assistant's).
 
@@ -617,12 +732,18 @@ def render_chat(messages, tokenizer: Tokenizer, images=(), videos=(), thinking: 
     {"type": "text", "text": str}]}]. `images` / `videos` fill the image / video items in order: PIL images or
     paths (or (pixel_values, grid) pairs), and whatever `process_video` takes (or Video objects). Each image is
     `<|begin_of_image|>` + one `<|image|>` per merged patch + `<|end_of_image|>`; a video is `<|begin_of_video|>`,
-    per frame pair an image block followed by its int(timestamp), then `<|end_of_video|>`.
-    thinking=False: `<think></think>` is prefilled after `<|assistant|>\\n` (and replaces any reasoning in replies).
+    per frame pair an image block followed by its int(timestamp), then `<|end_of_video|>` (the processor's expansion
+    of the template's single `<|image|>` / `<|video|>`).
+    Earlier replies (those a later user turn follows) appear as `history_reply` keeps them, without their reasoning,
+    as the released model's client sends them; the template renders that same conversation identically.
+    thinking=False: `<think></think>` is prefilled after the last `<|assistant|>\\n` (the template's
+    enable_thinking=False) and replaces the reasoning of a final reply.
 
     Returns dict(input_ids (T,) long, loss_mask (T,) bool, pixel_values, image_grid_thw, pixel_values_videos,
-    video_grid_thw (None when absent), text). loss_mask covers every assistant reply plus the token that ends it:
-    the next `<|user|>`, or an appended `<|endoftext|>` after a final reply."""
+    video_grid_thw (None when absent), text). loss_mask covers the final reply and every earlier one that lost
+    nothing to the history form, each plus the token that ends it: the next `<|user|>`, or an appended
+    `<|endoftext|>` after the last reply. (An earlier reply without its reasoning is context only: learning it would
+    teach the model to answer a first turn without thinking.)"""
     tensors, tokens, layouts = _vision_tensors(
         images, videos, dict(min_pixels=min_pixels, max_pixels=max_pixels),
         dict(fps=video_fps, max_frames=video_max_frames, min_pixels=video_min_pixels, max_pixels=video_max_pixels))
@@ -724,99 +845,215 @@ def encode_sample(sample: dict, tokenizer: Tokenizer, sizes_only: bool = False) 
 
 
 _MEDIA_TAG = re.compile(r"(<image>|<video>)")
+RECORD_FORMS = ('"messages" (OpenAI / LLaMA-Factory), "conversations" of "from" / "value" turns (ShareGPT), '
+                '"instruction" + "output" (alpaca), "image" or "video" + "text" (a caption pair)')
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
 
-def _resolve(p, root: str):
-    """A media path (or a list of frame paths) from a JSONL line -> absolute; missing files raise."""
+def _media(p, root: str):
+    """A media reference from a record -> what the processor reads: a path made absolute against `root` (missing
+    files raise), a list of frames, or the image of a base64 `data:image/…` URL (decoded lazily, like a file)."""
     if isinstance(p, (list, tuple)):
-        return [_resolve(x, root) for x in p]
+        return [_media(x, root) for x in p]
     if not isinstance(p, str):
-        raise ValueError(f"media paths must be strings, got {p!r:.60}")
+        raise ValueError(f"media must be paths or data: URLs, got {p!r:.60}")
+    if p.startswith("data:"):
+        header, _, payload = p.partition(",")
+        if not (header.startswith("data:image/") and header.endswith(";base64")):
+            raise ValueError(f"only base64 image data: URLs are read, got {header[:40]!r}")
+        try:
+            return Image.open(io.BytesIO(base64.b64decode(payload, validate=True)))
+        except (ValueError, OSError) as e:  # bad base64 is a ValueError, bytes PIL cannot identify an OSError
+            raise ValueError(f"a data: URL that holds no readable image ({e})") from e
+    if p.startswith(("http://", "https://")):
+        raise ValueError(f"{p[:80]}: URLs are not downloaded (nothing here reads the network); save the file and "
+                         "give its path")
     full = p if os.path.isabs(p) else os.path.join(root, p)
     if not os.path.exists(full):
         raise FileNotFoundError(f"file not found: {p}")
     return full
 
 
+def _part(item, k: int, root: str, inline: dict) -> dict:
+    """One content part -> {"type": "text", "text"} | {"type": "image"} | {"type": "video"}. Parts as OpenAI and
+    Hugging Face write them: text, image / video (the file under "image" / "video", "url" or "path", or none: then
+    it comes from the record's "images" / "videos"), image_url ({"url": …} or a string); carried media go to
+    `inline`."""
+    if not isinstance(item, dict):
+        raise ValueError(f"messages[{k}]: content parts must be objects, got {item!r:.60}")
+    kind = item.get("type") or next((key for key in ("video", "image", "text") if key in item), None)
+    if kind == "text":
+        return {"type": "text", "text": str(item.get("text", ""))}
+    if kind == "image_url":
+        url = item.get("image_url")
+        kind, ref = "image", url.get("url") if isinstance(url, dict) else url
+    elif kind in ("image", "video"):
+        ref = next((item[key] for key in (kind, "url", "path") if item.get(key) is not None), None)
+    else:
+        raise ValueError(f"messages[{k}]: content parts have type text, image, image_url or video, got {kind!r}")
+    if ref is not None:
+        inline[kind + "s"].append(_media(ref, root))
+    return {"type": kind}
+
+
+def _message(msg, k: int, root: str, inline: dict) -> dict:
+    """One message -> {"role", "content"(, "metadata")}: user text with `<image>` / `<video>` placeholders becomes
+    parts, parts of system and assistant messages (text only) become one string."""
+    if not isinstance(msg, dict) or "role" not in msg or "content" not in msg:
+        raise ValueError(f"messages[{k}] needs 'role' and 'content'")
+    role, content = msg["role"], msg["content"]
+    if role not in ("system", "user", "assistant"):
+        raise ValueError(f"messages[{k}]: unknown role {role!r} (system, user or assistant)")
+    if role == "user" and isinstance(content, str) and _MEDIA_TAG.search(content):
+        content = [{"type": part[1:-1]} if part in ("<image>", "<video>") else {"type": "text", "text": part}
+                   for part in _MEDIA_TAG.split(content) if part]
+    if isinstance(content, list):
+        content = [_part(item, k, root, inline) for item in content]
+        if role != "user":
+            if any(p["type"] != "text" for p in content):
+                raise ValueError(f"messages[{k}]: only user messages may hold images or videos")
+            content = "".join(p["text"] for p in content)
+    elif not isinstance(content, str):
+        raise ValueError(f"messages[{k}]: content must be a string or a list of parts")
+    return {**({"metadata": msg["metadata"]} if msg.get("metadata") else {}), "role": role, "content": content}
+
+
+def _turns(obj: dict) -> list:
+    """The record's conversation as [{"role", "content"}] in the OpenAI form, from any of the chat forms."""
+    if "messages" in obj:
+        turns = obj["messages"]
+    elif "conversations" in obj:
+        turns = obj["conversations"]
+        if not isinstance(turns, list):
+            raise ValueError("'conversations' must be a list")
+        for k, t in enumerate(turns):
+            speaker = t.get("from", t.get("role")) if isinstance(t, dict) else None
+            if speaker not in SHAREGPT_ROLES:
+                raise ValueError(f"conversations[{k}]: 'from' must be one of {', '.join(SHAREGPT_ROLES)}, got "
+                                 f"{speaker!r}")
+        turns = [{"role": SHAREGPT_ROLES[t.get("from", t.get("role"))], "content": t.get("value", t.get("content"))}
+                 for t in turns]
+    else:  # alpaca: earlier (query, reply) pairs, then the instruction (and its input) and the output
+        history = obj.get("history") or []
+        if not isinstance(history, list) or any(not isinstance(p, list) or len(p) != 2 for p in history):
+            raise ValueError("'history' must be a list of [query, reply] pairs")
+        turns = [{"role": role, "content": text} for pair in history for role, text in zip(("user", "assistant"), pair)]
+        query = "\n".join(str(obj[key]) for key in ("instruction", "input") if obj.get(key))
+        turns.append({"role": "user", "content": query})
+        if "output" in obj:  # an RL prompt has none
+            turns.append({"role": "assistant", "content": obj["output"]})
+    if not isinstance(turns, list) or not turns:
+        raise ValueError("the conversation must be a non-empty list of messages")
+    system = obj.get("system")
+    if isinstance(system, str) and system and not (isinstance(turns[0], dict) and turns[0].get("role") == "system"):
+        turns = [{"role": "system", "content": system}] + turns
+    return turns
+
+
 def parse_record(obj, root: str = ".") -> dict:
-    """One decoded JSONL object (see JsonlSource) -> a normalised sample with paths made absolute against `root`.
-    Raises ValueError / FileNotFoundError describing the problem."""
+    """One decoded record (see JsonlSource) -> a normalised sample, its media paths made absolute against `root`:
+    {"messages", "images", "videos"(, "thinking")} or a caption pair {"image" | "video", "text"}. Raises ValueError /
+    FileNotFoundError describing the problem."""
     if not isinstance(obj, dict):
         raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
-    if "messages" not in obj:
+    if not any(key in obj for key in ("messages", "conversations", "instruction")):
         if isinstance(obj.get("text"), str) and ("image" in obj or "video" in obj):
             key = "image" if "image" in obj else "video"
-            return {key: _resolve(obj[key], root), "text": obj["text"]}
-        raise ValueError(f"expected 'messages' (a conversation) or 'image' + 'text' (a caption pair), got keys "
-                         f"{sorted(obj)}")
-    messages = []
-    images = [_resolve(p, root) for p in obj.get("images") or []]
-    videos = [_resolve(p, root) for p in obj.get("videos") or []]
-    inline_images, inline_videos = [], []
-    if not isinstance(obj["messages"], list) or not obj["messages"]:
-        raise ValueError("'messages' must be a non-empty list")
-    for k, msg in enumerate(obj["messages"]):
-        if not isinstance(msg, dict) or "role" not in msg or "content" not in msg:
-            raise ValueError(f"messages[{k}] needs 'role' and 'content'")
-        role, content = msg["role"], msg["content"]
-        if role not in ("system", "user", "assistant"):
-            raise ValueError(f"messages[{k}]: unknown role {role!r} (system, user or assistant)")
-        if role == "user" and isinstance(content, str) and _MEDIA_TAG.search(content):
-            content = [{"type": part[1:-1]} if part in ("<image>", "<video>") else {"type": "text", "text": part}
-                       for part in _MEDIA_TAG.split(content) if part]
-        if isinstance(content, list):
-            if role != "user":
-                raise ValueError(f"messages[{k}]: only user messages may hold images or videos")
-            for item in content:
-                if not isinstance(item, dict) or item.get("type") not in ("image", "video", "text"):
-                    raise ValueError(f"messages[{k}]: content items must be {{'type': 'image'|'video'|'text'}}")
-                if item["type"] == "image" and isinstance(item.get("image"), str):
-                    inline_images.append(_resolve(item["image"], root))
-                if item["type"] == "video" and isinstance(item.get("video"), (str, list)):
-                    inline_videos.append(_resolve(item["video"], root))
-            content = [{"type": i["type"], "text": i["text"]} if i["type"] == "text" else {"type": i["type"]}
-                       for i in content]
-        elif not isinstance(content, str):
-            raise ValueError(f"messages[{k}]: content must be a string or a list of items")
-        messages.append({**{key: v for key, v in msg.items() if key == "metadata"}, "role": role,
-                         "content": content})
-    images, videos = images or inline_images, videos or inline_videos
+            return {key: _media(obj[key], root), "text": obj["text"]}
+        raise ValueError(f"the record fits none of the accepted forms: {RECORD_FORMS}; it has the keys {sorted(obj)}")
+    inline = {"images": [], "videos": []}
+    messages = [_message(msg, k, root, inline) for k, msg in enumerate(_turns(obj))]
+    media = {}
+    for key in ("images", "videos"):
+        listed = obj.get(key) or ([obj[key[:-1]]] if isinstance(obj.get(key[:-1]), str) else [])  # LLaVA: "image"
+        if listed and inline[key]:
+            raise ValueError(f"{key} are given both in '{key}' and inside the content parts; give them in one place")
+        media[key] = [_media(p, root) for p in listed] or inline[key]
     used = [sum(1 for m in messages if isinstance(m["content"], list) for i in m["content"] if i["type"] == t)
             for t in ("image", "video")]
-    if used != [len(images), len(videos)]:
-        raise ValueError(f"the messages place {used[0]} images and {used[1]} videos but the line gives "
-                         f"{len(images)} images and {len(videos)} videos")
-    return {"messages": messages, "images": images, "videos": videos, "thinking": bool(obj.get("thinking", True))}
+    if used != [len(media["images"]), len(media["videos"])]:
+        raise ValueError(f"the messages place {used[0]} images and {used[1]} videos but the record gives "
+                         f"{len(media['images'])} images and {len(media['videos'])} videos")
+    sample = {"messages": messages, **media}
+    if "thinking" in obj:
+        sample["thinking"] = bool(obj["thinking"])
+    return sample
+
+
+def read_records(path):
+    """(line, raw text, decoded object) for each record of a JSONL file (one JSON value a line; blank lines are
+    skipped) or of a JSON array file (LLaMA-Factory's .json datasets; the line is where the record starts). A record
+    that is not valid JSON comes with the json.JSONDecodeError in place of the object; a broken array ends there."""
+    with open(path, encoding="utf-8-sig") as f:
+        if not f.read(4096).lstrip().startswith("["):
+            f.seek(0)
+            for lineno, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        yield lineno, line.rstrip("\n"), json.loads(line)
+                    except json.JSONDecodeError as e:
+                        yield lineno, line.rstrip("\n"), e
+            return
+        f.seek(0)
+        text = f.read()
+    decoder, space = json.JSONDecoder(), re.compile(r"\s*")
+    at, line, counted = text.index("[") + 1, 1, 0
+    while True:
+        at = space.match(text, at).end()
+        if text.startswith("]", at):
+            return
+        line, counted = line + text.count("\n", counted, at), at
+        try:
+            obj, end = decoder.raw_decode(text, at)
+        except json.JSONDecodeError as e:
+            yield e.lineno, text[at:at + 200], e
+            return
+        yield line, text[at:end], obj
+        at = space.match(text, end).end()
+        if text.startswith(",", at):
+            at += 1
+        elif not text.startswith("]", at):
+            e = json.JSONDecodeError("expected ',' or ']' after a record", text, at)
+            yield e.lineno, text[at:at + 200], e
+            return
+
+
+def no_think(seed: int, i: int, share: float) -> bool:
+    """Whether sample i is one of the `share` of conversations trained with an empty think block (SFT's
+    --no-think-share), the same in every process."""
+    return stable_hash("think", seed, i) % 10_000 < share * 10_000
 
 
 class JsonlSource:
-    """Samples from a JSONL file, one JSON object per line:
-    - a conversation {"messages": [{"role": "system"|"user"|"assistant", "content": ...}], "images": [path…],
-      "videos": [path | [frame paths]…], "thinking": bool (optional)}, where user content is a string with
-      `<image>` / `<video>` tags where the media go, or a list of {"type": "image"|"video"|"text", …} items
-      (an item may carry its own path as "image": path / "video": path);
-    - a caption pair {"image": path, "text": str} (or {"video": path, "text": str}).
-    Relative paths are relative to the file's folder. Every line is checked when the file is opened (fields,
-    roles, media counts, that paths exist): problems raise ValueError naming the file and line."""
+    """Samples from a dataset file: JSONL (one record a line) or a JSON array (a .json file, as LLaMA-Factory
+    writes them). A record is a conversation in any of these forms (parse_record):
+    - OpenAI / LLaMA-Factory {"messages": [{"role": "system"|"user"|"assistant", "content": ...}], "images":
+      [path…], "videos": [path | [frame paths]…], "thinking": bool (optional)}: user content is a string with
+      `<image>` / `<video>` placeholders where the media go, or a list of parts {"type":
+      "text"|"image"|"image_url"|"video"} (a part may carry its own file or base64 data: URL);
+    - ShareGPT {"conversations": [{"from": "human"|"gpt"|"system", "value": ...}], "system", "images", "videos"};
+    - alpaca {"instruction", "input", "output", "history": [[query, reply]…], "system", "images"};
+    or a caption pair {"image": path, "text": str} (or {"video": path, "text": str}) for pretraining.
+    Relative paths are relative to the file's folder. Every record is checked when the file is opened (fields,
+    roles, media counts, that paths exist): problems raise ValueError naming the file and line.
+    no_think_share: that share of the conversations that do not set "thinking" themselves train with an empty
+    think block (SFT's --no-think-share)."""
 
-    def __init__(self, path):
-        self.path = os.fspath(path)
+    def __init__(self, path, no_think_share: float = 0.0, seed: int = 0):
+        self.path, self.no_think_share, self.seed = os.fspath(path), no_think_share, seed
         if not os.path.exists(self.path):
             raise FileNotFoundError(f"dataset not found: {self.path}")
         self.root = os.path.dirname(os.path.abspath(self.path))
         self.records, self.lines = [], []
-        with open(self.path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = parse_record(json.loads(line), self.root)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{self.path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from e
-                except (ValueError, TypeError, KeyError, FileNotFoundError) as e:
-                    raise ValueError(f"{self.path}:{lineno}: {e}") from e
-                self.records.append(record)
-                self.lines.append(lineno)
+        for lineno, _, obj in read_records(self.path):
+            if isinstance(obj, json.JSONDecodeError):
+                raise ValueError(f"{self.path}:{lineno}: not valid JSON ({obj.msg} at column {obj.colno})")
+            try:
+                record = parse_record(obj, self.root)
+            except (ValueError, TypeError, KeyError, FileNotFoundError) as e:
+                raise ValueError(f"{self.path}:{lineno}: {e}") from e
+            self.records.append(record)
+            self.lines.append(lineno)
         if not self.records:
             raise ValueError(f"{self.path}: no samples")
         self.size = len(self.records)
@@ -825,13 +1062,16 @@ class JsonlSource:
         return f"{self.path}:{self.lines[i]}"
 
     def sample(self, i: int) -> dict:
-        return self.records[i]
+        record = self.records[i]
+        if "messages" in record and "thinking" not in record and no_think(self.seed, i, self.no_think_share):
+            return {**record, "thinking": False}
+        return record
 
     def length(self, i: int, tokenizer: Tokenizer) -> int:
-        return len(encode_sample(self.records[i], tokenizer, sizes_only=True)["input_ids"])
+        return len(encode_sample(self.sample(i), tokenizer, sizes_only=True)["input_ids"])
 
     def encode(self, i: int, tokenizer: Tokenizer) -> dict:
-        return encode_sample(self.records[i], tokenizer)
+        return encode_sample(self.sample(i), tokenizer)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -1147,11 +1387,14 @@ class NearDuplicateIndex:
             bucket.setdefault(h & mask, []).append(h)
 
 
-def _load_for_filter(path: str, max_image_pixels: int):
-    """(image, None) or (None, reason) — never raises on a bad file."""
+def _load_for_filter(path, max_image_pixels: int):
+    """(image, None) or (None, reason) — never raises on a bad file. `path` may be an opened image (a data: URL)."""
     old = Image.MAX_IMAGE_PIXELS
     Image.MAX_IMAGE_PIXELS = max_image_pixels
     try:
+        if isinstance(path, Image.Image):
+            path.load()
+            return path, None
         return open_image(path), None
     except FileNotFoundError:
         return None, "missing_file"
@@ -1159,6 +1402,8 @@ def _load_for_filter(path: str, max_image_pixels: int):
         if e.reason == "decompression_bomb":
             return None, e.reason
         return None, "truncated" if "truncated" in str(e.__cause__).lower() else "unreadable"
+    except (OSError, SyntaxError) as e:  # an image opened from a data: URL, failing only now
+        return None, "truncated" if "truncated" in str(e).lower() else "unreadable"
     finally:
         Image.MAX_IMAGE_PIXELS = old
 
@@ -1253,7 +1498,8 @@ def _concept_balance(kept, balance_t: int, vocabulary, seed: int, drop) -> list:
 
 def _recaptioned(obj: dict, sample: dict, recaption):
     """The line with its caption rewritten by `recaption` (the old one kept as original_text); raises on failure."""
-    new = recaption(open_image(sample["image"]), sample["text"])
+    image = sample["image"] if isinstance(sample["image"], Image.Image) else open_image(sample["image"])
+    new = recaption(image, sample["text"])
     return {**obj, "text": str(new), "original_text": sample["text"]}
 
 
@@ -1262,7 +1508,8 @@ def quality_filter(in_path, out_path, *, min_side: int = 32, max_aspect: float =
                    phash_distance: int = 4, scorer=None, min_score: float = 0.3, balance_t: int = None,
                    concepts=None, recaption=None, max_image_pixels: int = 89_478_485, rejects=None, seed: int = 0,
                    progress: bool = True) -> dict:
-    """Filter a JSONL dataset (paper §3.1) and write the kept lines, in order, to `out_path`:
+    """Filter a dataset (paper §3.1; JSONL or a JSON array, the JsonlSource forms) and write the kept records, in
+    order, as JSONL to `out_path`:
     1. heuristics — images at least `min_side` px on the short side, aspect ratio at most `max_aspect`, not one
        solid colour (grey std < `solid_std`), text length within [min_text_chars, max_text_chars];
     2. de-duplication — exact (identical pixels) and near (perceptual hash within `phash_distance` bits);
@@ -1287,15 +1534,13 @@ def quality_filter(in_path, out_path, *, min_side: int = 32, max_aspect: float =
         if reject_file:
             reject_file.write(json.dumps({"line": lineno, "reason": reason, "detail": detail, "raw": raw}) + "\n")
 
-    with open(in_path, encoding="utf-8") as f:
-        lines = [(n, raw.rstrip("\n")) for n, raw in enumerate(f, 1) if raw.strip()]
-    for lineno, raw in tqdm(lines, desc="filter", unit="line", disable=not progress):
-        try:
-            obj = json.loads(raw)
-            sample = parse_record(obj, root)
-        except json.JSONDecodeError as e:
-            drop(lineno, raw, "bad_json", e.msg)
+    lines = list(read_records(in_path))
+    for lineno, raw, obj in tqdm(lines, desc="filter", unit="line", disable=not progress):
+        if isinstance(obj, json.JSONDecodeError):
+            drop(lineno, raw, "bad_json", obj.msg)
             continue
+        try:
+            sample = parse_record(obj, root)
         except FileNotFoundError as e:
             drop(lineno, raw, "missing_file", str(e))
             continue

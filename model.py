@@ -12,6 +12,7 @@ never reaches a matmul.
 """
 import json
 import os
+import re
 from dataclasses import dataclass
 
 import torch
@@ -112,6 +113,8 @@ class Config:
         released layout (rope_theta / partial_rotary_factor / rope_scaling.mrope_section) and the newer
         `rope_parameters` one; text fields may sit in `text_config` or at the top level."""
         if isinstance(source, (str, os.PathLike)):
+            if not os.path.exists(source):
+                raise FileNotFoundError(not_found(source))
             path = os.path.join(source, "config.json") if os.path.isdir(source) else source
             try:
                 with open(path) as f:
@@ -152,7 +155,7 @@ class Config:
                 "partial_rotary_factor": self.partial_rotary_factor, "mrope_section": list(self.mrope_section)}
         text.update(model_type="glm4v_text", hidden_act="silu", attention_bias=True, attention_dropout=0.0,
                     rope_parameters=rope, pad_token_id=self.pad_token_id, eos_token_id=list(self.eos_token_ids),
-                    tie_word_embeddings=False)
+                    tie_word_embeddings=False, use_cache=True)
         vision = {theirs: getattr(self, ours) for theirs, ours in self._VISION_KEYS.items()}
         vision.update(model_type="glm4v_vision", hidden_act="silu", attention_dropout=0.0,
                       initializer_range=self.initializer_range,
@@ -491,20 +494,27 @@ class GLM4V(nn.Module):
         return model.eval()
 
     def save_pretrained(self, path, max_shard_bytes=5 * 1024 ** 3, dtype=None):
-        """Write config.json and model.safetensors (sharded with an index above `max_shard_bytes`)."""
+        """Write config.json, generation_config.json and model.safetensors (sharded with an index above
+        `max_shard_bytes`); data.save_hf_files adds the tokenizer, chat template and processor files."""
         write_hf_checkpoint(path, self.cfg, self.state_dict(), max_shard_bytes, dtype)
 
 
+def generation_config(cfg: Config) -> dict:
+    """generation_config.json: the stop tokens and the pad id; greedy decoding, sample.py's default."""
+    return {"do_sample": False, "eos_token_id": list(cfg.eos_token_ids), "pad_token_id": cfg.pad_token_id}
+
+
 def write_hf_checkpoint(path, cfg: Config, state_dict: dict, max_shard_bytes=5 * 1024 ** 3, dtype=None):
-    """config.json + safetensors (one file, or shards + model.safetensors.index.json), as `transformers` writes."""
+    """config.json (with the weights' `dtype`, as transformers 5 writes it), generation_config.json and safetensors
+    (one file, or shards + model.safetensors.index.json), as `transformers` writes them."""
     from safetensors.torch import save_file
 
     os.makedirs(path, exist_ok=True)
-    config = cfg.to_hf()
     tensors = {name: t.detach().to(dtype or t.dtype).contiguous().cpu() for name, t in state_dict.items()}
-    config["torch_dtype"] = str(next(iter(tensors.values())).dtype).replace("torch.", "")
-    with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(config, f, indent=2)
+    config = {**cfg.to_hf(), "dtype": str(next(iter(tensors.values())).dtype).replace("torch.", "")}
+    for name, content in (("config.json", config), ("generation_config.json", generation_config(cfg))):
+        with open(os.path.join(path, name), "w") as f:
+            f.write(json.dumps(content, indent=2) + "\n")
     shards, current, size = [], {}, 0
     for name, t in tensors.items():
         nbytes = t.numel() * t.element_size()
@@ -527,11 +537,22 @@ def write_hf_checkpoint(path, cfg: Config, state_dict: dict, max_shard_bytes=5 *
         json.dump(index, f, indent=2)
 
 
+def not_found(path, what: str = "checkpoint directory") -> str:
+    """The one-line error for a missing checkpoint; a name shaped like a Hugging Face Hub id (owner/name) also says
+    how to fetch it, since nothing here downloads."""
+    message = f"{what} not found: {path}"
+    if re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", os.fspath(path)):
+        message += (f" (a Hugging Face Hub id is not downloaded here: fetch it first with `hf download {path} "
+                    f"--local-dir {os.path.basename(os.fspath(path))}` and pass that directory)")
+    return message
+
+
 def check_checkpoint_dir(path):
-    """One clear error when `path` is not a checkpoint directory (missing, a file, or without config.json)."""
+    """One clear error when `path` is not a checkpoint directory (missing — a Hub id says how to fetch it — a file,
+    or without config.json)."""
     path = os.fspath(path)
     if not os.path.exists(path):
-        raise FileNotFoundError(f"checkpoint directory not found: {path}")
+        raise FileNotFoundError(not_found(path))
     if not os.path.isdir(path):
         raise NotADirectoryError(f"{path} is a file; a checkpoint is a directory (config.json, model.safetensors, "
                                  "tokenizer.json)")

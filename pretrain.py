@@ -17,7 +17,8 @@ FSDP2 `fully_shard` per ViT block and decoder layer then the root, a bf16/fp32 `
 no autocast under FSDP. The data order depends only on the global step, so 1 and N processes see the same global
 batches and produce the same losses. Training state is checkpointed with `torch.distributed.checkpoint` into a
 temporary directory that is renamed into place only when complete, so a crash mid-save never harms the previous
-checkpoint; a Hugging Face-format export (config.json, safetensors, tokenizer.json) sits at the top of --out.
+checkpoint; a complete Hugging Face model directory (weights, config, generation config, tokenizer, chat
+template, processor configs, model card) is exported at the top of --out.
 """
 import argparse
 import dataclasses
@@ -110,6 +111,8 @@ class RunConfig:
     keep_checkpoints: int = _f(2, "how many training checkpoints to keep")
     hang_timeout: float = _f(600.0, "under torchrun: seconds a rank may fall behind the others before the job ends "
                                     "with an error naming it")
+    report_to: str = _f(None, "also log every metrics.jsonl row to tensorboard (OUT/tensorboard) or wandb (needs "
+                              "that package; default: metrics.jsonl only)")
 
 
 @dataclass
@@ -118,7 +121,9 @@ class TrainConfig(RunConfig):
     stages: ClassVar[tuple] = ("pretrain", "long", "sft")
     seq_len: int = _f(None, "tokens per packed sequence (default: per preset and stage)")
     global_batch: int = _f(None, "packed sequences per optimizer step, across all processes (default: per preset)")
-    no_think_share: float = _f(0.1, "SFT: share of replies with an empty <think></think> (makes --no-think work)")
+    no_think_share: float = _f(None, "SFT: share of conversations trained with an empty <think></think>, on the "
+                                     "synthetic world and on --data records without a 'thinking' field (makes "
+                                     "--no-think work; default 0.1)")
     num_workers: int = _f(0, "DataLoader workers rendering batches in the background")
     dry_run: bool = _f(False, "build on the meta device, print parameters, FLOPs/token and memory per GPU, exit")
     world_size: int = _f(None, "--dry-run: plan for this many GPUs (default: the current world size)")
@@ -130,7 +135,7 @@ class TrainConfig(RunConfig):
 DEFAULTS = {
     "pretrain": dict(min_lr_ratio=0.1, weight_decay=0.1, activation_checkpointing=False),
     "long": dict(min_lr_ratio=0.1, weight_decay=0.1, activation_checkpointing=False),
-    "sft": dict(min_lr_ratio=0.1, weight_decay=0.1, activation_checkpointing=False),
+    "sft": dict(min_lr_ratio=0.1, weight_decay=0.1, activation_checkpointing=False, no_think_share=0.1),
     ("9b", "pretrain"): dict(seq_len=8192, global_batch=1536, max_steps=120_000, lr=2e-4, save_every=1000,
                              activation_checkpointing=True),
     ("9b", "long"): dict(seq_len=32768, global_batch=384, max_steps=10_000, lr=5e-5, save_every=500,
@@ -164,6 +169,8 @@ def resolve_run(cfg: RunConfig, defaults: dict) -> RunConfig:
             raise ValueError(f"--{f.name.replace('_', '-')} must be a finite number, got {value}")
     if not 0 <= cfg.max_bad_data <= 1:
         raise ValueError(f"--max-bad-data is a share between 0 and 1, got {cfg.max_bad_data}")
+    if cfg.report_to not in (None, "tensorboard", "wandb"):
+        raise ValueError(f"--report-to must be tensorboard or wandb, not {cfg.report_to!r}")
     if cfg.vision_lr_ratio <= 0:
         raise ValueError(f"--vision-lr-ratio must be positive (--freeze-vision freezes the ViT), "
                          f"got {cfg.vision_lr_ratio}")
@@ -187,7 +194,12 @@ def check_lora(cfg: RunConfig):
 
 
 def resolve(tc: TrainConfig) -> TrainConfig:
+    if tc.no_think_share is not None and (tc.stage or tc.stages[0]) != "sft":
+        raise ValueError("--no-think-share shapes SFT replies; it does nothing for --stage "
+                         f"{tc.stage or tc.stages[0]} (use sft.py or --stage sft)")
     resolve_run(tc, DEFAULTS)
+    if tc.no_think_share is not None and not 0 <= tc.no_think_share <= 1:
+        raise ValueError(f"--no-think-share must be within [0, 1], got {tc.no_think_share}")
     if tc.warmup_steps is None:
         tc.warmup_steps = max(1, tc.max_steps // 20)
     return tc
@@ -613,17 +625,27 @@ def set_rng_state(state: dict):
         torch.cuda.set_rng_state(torch.tensor(state["cuda"], dtype=torch.uint8))
 
 
-def export_hf(model, cfg: M.Config, tokenizer, out: str, rank: int, lora_export: str = "merged",
-              base_model: str = None):
-    """config.json + model.safetensors + tokenizer.json at the top of `out`, written next to the old files and
-    moved over them one by one, so a reader never sees a half-written file. A LoRA model's adapters are merged
-    into full weights, or with lora_export="peft" written alone as a PEFT adapter of `base_model`."""
+# What an --init-from directory brings that the export keeps unchanged: how its tokenizer, chat template, processor
+# and generation defaults were released (the legacy names too, which transformers still reads).
+CARRIED_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "chat_template.json",
+                 "special_tokens_map.json", "added_tokens.json", "preprocessor_config.json",
+                 "video_preprocessor_config.json", "processor_config.json", "generation_config.json")
+
+
+def export_hf(model, cfg: M.Config, tokenizer, out: str, rank: int, run: RunConfig = None, step: int = None):
+    """A complete Hugging Face model directory at the top of `out`, laid out like the released one: config.json,
+    generation_config.json, model.safetensors, tokenizer.json, tokenizer_config.json, chat_template.jinja,
+    preprocessor_config.json, video_preprocessor_config.json and a README.md model card. The files of
+    CARRIED_FILES that `run.init_from` has are copied unchanged; the rest are ours. Everything is written next to
+    the old files and moved over them one by one, config.json last, so a reader never sees a half-written file. A LoRA
+    model's adapters are merged into full weights, or with --lora-export peft written alone as a PEFT adapter of
+    `run.init_from`."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank == 0 and lora.has_adapters(model):
-        if lora_export == "peft":  # adapter_config.json + adapter_model.safetensors + tokenizer.json
-            lora.save_peft(model, state, out, base_model)
+        if run is not None and run.lora_export == "peft":  # adapter_config.json, adapter_model.safetensors, tokenizer
+            lora.save_peft(model, state, out, run.init_from)
             tokenizer.save(out)
             barrier()
             return
@@ -631,16 +653,53 @@ def export_hf(model, cfg: M.Config, tokenizer, out: str, rank: int, lora_export:
     if rank == 0:
         tmp = os.path.join(out, ".export.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        M.write_hf_checkpoint(tmp, cfg, state)
-        tokenizer.save(tmp)
-        for stale in os.listdir(out):  # shards of an earlier export that this one does not have
-            if stale.startswith("model") and stale.endswith((".safetensors", ".json")) and \
-                    not os.path.exists(os.path.join(tmp, stale)):
+        try:
+            M.write_hf_checkpoint(tmp, cfg, state)
+            data.save_hf_files(tmp, tokenizer, cfg.max_position_embeddings)
+        except OSError as e:  # a full disk: no half-written export beside the last complete one
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise disk_error(e, tmp) from e
+        source = run.init_from if run is not None and run.init_from else None
+        carried = [n for n in CARRIED_FILES if source and os.path.isfile(os.path.join(source, n))]
+        for name in carried:
+            shutil.copyfile(os.path.join(source, name), os.path.join(tmp, name))
+        if "chat_template.json" in carried and "chat_template.jinja" not in carried:
+            os.remove(os.path.join(tmp, "chat_template.jinja"))  # the released template, not ours beside it
+        if run is not None:
+            write_atomic(os.path.join(tmp, "README.md"), model_card(run, step, out, carried))
+        for stale in os.listdir(out):  # shards (or a template) of an earlier export that this one does not have
+            shard = stale.startswith("model") and stale.endswith((".safetensors", ".json"))
+            if (shard or stale == "chat_template.jinja") and not os.path.exists(os.path.join(tmp, stale)):
                 os.remove(os.path.join(out, stale))
         for name in sorted(os.listdir(tmp), key=lambda n: n == "config.json"):  # config last
             os.replace(os.path.join(tmp, name), os.path.join(out, name))
         shutil.rmtree(tmp, ignore_errors=True)
     barrier()
+
+
+def model_card(run: RunConfig, step: int, out: str, carried) -> str:
+    """README.md of an export: what was trained, from what, on which data, for how many steps, and its held-out
+    accuracy when `evaluate.py` has written an eval.json into the directory."""
+    data_text = f"`{os.path.basename(run.data)}`" if run.data else \
+        f"the synthetic world (domains: {run.tasks or 'all'}; levels: {run.levels or 'all'})"
+    start = f"`{run.init_from}`" if run.init_from else f"random weights (preset `{run.preset}`)"
+    script = {"rl": "rlcs.py", "sft": "sft.py"}.get(run.stage, "pretrain.py")
+    lines = ["---", "library_name: transformers", "pipeline_tag: image-text-to-text", "tags: [glm4v]", "---", "",
+             f"# GLM-4.1V-Thinking: {run.stage}", "", f"- stage: {run.stage} ({script})",
+             f"- started from: {start}", f"- data: {data_text}",
+             f"- steps: {step if step is not None else '?'} of {run.max_steps}",
+             f"- files kept from the starting directory: {', '.join(carried) if carried else 'none'}"]
+    evaluation = os.path.join(out, "eval.json")
+    if os.path.exists(evaluation):
+        with open(evaluation) as f:
+            result = json.load(f)
+        scores = {k: v for k, v in result.items() if k not in ("n_per_domain", "seed", "temperature")
+                  and isinstance(v, float)}
+        lines.append(f"- held-out accuracy (eval.json, {result.get('n_per_domain')} items per domain): " +
+                     ", ".join(f"{k} {v:.3f}" for k, v in scores.items()))
+    lines += ["", "Load it with `transformers` (`Glm4vForConditionalGeneration`, `AutoProcessor`) or with "
+              "`model.GLM4V.from_pretrained` / `sample.py --checkpoint` of this repository.", ""]
+    return "\n".join(lines)
 
 
 def rank_world():
@@ -667,10 +726,11 @@ def barrier():
 
 
 def data_source(tc: TrainConfig):
-    """The stage's data: JSONL when given, else the synthetic world — captions for pretraining (no video in stage
-    1, paper §3.2), reasoning conversations for SFT."""
+    """The stage's data: the --data file (JSONL or a JSON array; SFT's no-think share applies to it too) when
+    given, else the synthetic world — captions for pretraining (no video in stage 1, paper §3.2), reasoning
+    conversations for SFT."""
     if tc.data:
-        return data.JsonlSource(tc.data)
+        return data.JsonlSource(tc.data, no_think_share=tc.no_think_share or 0.0, seed=tc.seed)
     levels = tuple(int(x) for x in tc.levels.split(",")) if tc.levels else world.LEVELS
     if tc.tasks:
         tasks = tuple(tc.tasks.split(","))
@@ -697,10 +757,11 @@ def to_device(batch: dict, device) -> dict:
 
 class Metrics:
     """metrics.jsonl, one JSON object per step; on resume, lines after the resumed step are dropped, and a line a
-    crash tore in half is dropped with a warning."""
+    crash tore in half is dropped with a warning. With report_to ("tensorboard" | "wandb") every row's numbers also
+    go to that tracker, at the row's step."""
 
-    def __init__(self, out: str, rank: int, resume_step: int):
-        self.path, self.rank = os.path.join(out, "metrics.jsonl"), rank
+    def __init__(self, out: str, rank: int, resume_step: int, report_to: str = None):
+        self.path, self.rank, self.log_to = os.path.join(out, "metrics.jsonl"), rank, None
         if rank == 0:
             kept = []
             if resume_step and os.path.exists(self.path):
@@ -712,11 +773,43 @@ class Metrics:
                         except (ValueError, KeyError, TypeError):
                             log(f"warning: {self.path}:{lineno}: dropping a torn or foreign line ({line[:60]!r})")
             write_atomic(self.path, "".join(kept))
+            if report_to:
+                self.log_to = tracker(report_to, out)
 
     def write(self, row: dict):
         if self.rank == 0:
             with open(self.path, "a") as f:
                 f.write(json.dumps(row) + "\n")
+            if self.log_to:
+                self.log_to({k: v for k, v in row.items() if k != "step" and isinstance(v, (int, float))
+                             and not isinstance(v, bool)}, row["step"])
+
+
+def tracker(name: str, out: str):
+    """A function (numbers, step) that logs to TensorBoard (event files in OUT/tensorboard) or Weights & Biases
+    (a run named after OUT, configured with the run's *_config.json); the package is imported only here."""
+    try:
+        if name == "tensorboard":
+            from torch.utils.tensorboard import SummaryWriter
+        else:
+            import wandb
+    except ImportError as e:
+        raise ImportError(f"--report-to {name} needs the {name} package: pip install {name}") from e
+    if name == "tensorboard":
+        writer = SummaryWriter(os.path.join(out, "tensorboard"))
+
+        def log(numbers, step):
+            for key, value in numbers.items():
+                writer.add_scalar(key, value, step)
+            writer.flush()  # a crash loses no step the metrics file has
+        return log
+    config = {}
+    for file in ("train_config.json", "rl_config.json"):
+        if os.path.exists(os.path.join(out, file)):
+            with open(os.path.join(out, file)) as f:
+                config.update(json.load(f))
+    run = wandb.init(project="glm4v", name=os.path.basename(os.path.abspath(out)), dir=out, config=config)
+    return lambda numbers, step: run.log(numbers, step=step)
 
 
 def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
@@ -891,8 +984,7 @@ class Trainer:
         self.loader.step = running  # the iterator (or its workers) has already moved on
         save_training_state(self.model, self.optimizer, state, self.tc.out, self.step, self.rank,
                             self.tc.keep_checkpoints)
-        export_hf(self.model, self.cfg, self.tokenizer, self.tc.out, self.rank, self.tc.lora_export,
-                  self.tc.init_from)
+        export_hf(self.model, self.cfg, self.tokenizer, self.tc.out, self.rank, self.tc, self.step)
 
 
 def setup(tc: TrainConfig) -> Trainer:
@@ -954,7 +1046,7 @@ def train(tc: TrainConfig):
             dry_run(tc, tc.world_size or world)
         return None
     run = setup(tc)
-    metrics, schedule = Metrics(tc.out, run.rank, run.step), SaveSchedule(tc, run.device)
+    metrics, schedule = Metrics(tc.out, run.rank, run.step, tc.report_to), SaveSchedule(tc, run.device)
     autocast = autocast_for(run.device, run.world)
     flops, peak = flops_per_token(run.cfg, tc.seq_len, bool(tc.lora_rank)), peak_flops(run.device) * run.world
     total_tokens, bad_in_a_row, skipped, pending, loss = 0, 0, 0, None, float("nan")

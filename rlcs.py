@@ -731,8 +731,7 @@ def save(run: Run):
     """A training checkpoint (with the curriculum, the expansion EMA and the counters) and the HF export."""
     pretrain.save_training_state(run.policy, run.optimizer, run.state_dict(), run.rc.out, run.step, run.rank,
                                  run.rc.keep_checkpoints)
-    pretrain.export_hf(run.policy, run.cfg, run.tokenizer, run.rc.out, run.rank, run.rc.lora_export,
-                       run.rc.init_from)
+    pretrain.export_hf(run.policy, run.cfg, run.tokenizer, run.rc.out, run.rank, run.rc, run.step)
 
 
 def train(rc: RLConfig):
@@ -740,7 +739,7 @@ def train(rc: RLConfig):
     pretrain.SaveSchedule (every save_every iterations, by time, on SIGTERM/SIGINT, at the end), but never after an
     iteration whose updates were skipped as non-finite. Returns the policy."""
     run = setup(rc)
-    metrics, schedule = pretrain.Metrics(rc.out, run.rank, run.step), pretrain.SaveSchedule(rc, run.device)
+    metrics, schedule = pretrain.Metrics(rc.out, run.rank, run.step, rc.report_to), pretrain.SaveSchedule(rc, run.device)
     bad_in_a_row = 0
     bar = tqdm(total=rc.max_steps, initial=run.step, disable=run.rank != 0, desc="rlcs", dynamic_ncols=True)
     try:

@@ -300,7 +300,7 @@ def load(checkpoint: str, device="cpu", dtype=None, quantize=None):
     merged into the base checkpoint it names, and an int8 checkpoint (quantize.py). quantize="int8": make the
     decoder linears and the lm_head weight-only int8 after loading."""
     if not os.path.isdir(checkpoint):
-        raise FileNotFoundError(f"checkpoint directory not found: {checkpoint}")
+        raise FileNotFoundError(M.not_found(checkpoint))
     adapter = lora.is_peft_adapter(checkpoint)
     for name in ("tokenizer.json",) if adapter else ("config.json", "tokenizer.json"):
         if not os.path.exists(os.path.join(checkpoint, name)):
@@ -372,13 +372,6 @@ def boxed_answer(reply: str):
     return None if box is None else box.strip()
 
 
-def chat_history_reply(reply: str) -> str:
-    """What a reply contributes to the next turn's prompt: its answer without the reasoning or end token."""
-    for s in M.END_OF_TURN:
-        reply = reply.replace(s, "")
-    return reply.split(data.THINK_CLOSE, 1)[1].lstrip() if data.THINK_CLOSE in reply else reply
-
-
 class Chat:
     """A conversation: messages plus the images and videos they refer to (processed once, in order)."""
 
@@ -422,7 +415,8 @@ class Chat:
         else:
             printer.add([t for tokens, _ in stream for t in tokens.tolist()])
         reply = printer.finish()
-        self.messages = messages + [{"role": "assistant", "content": chat_history_reply(reply)}]
+        # later turns see it as the released client keeps it: its answer, without the reasoning (data.history_reply)
+        self.messages = messages + [{"role": "assistant", "content": data.history_reply(reply)}]
         self.images += images
         self.videos += videos
         return reply

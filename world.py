@@ -704,7 +704,7 @@ class SyntheticSource:
         if self.kind == "caption":
             return ({"video": media["videos"][0]} if item.num_frames else {"image": media["images"][0]}) | {
                 "text": item.caption}
-        thinking = stable_hash("think", self.seed, i) % 10_000 >= self.no_think_share * 10_000
+        thinking = not data.no_think(self.seed, i, self.no_think_share)
         return {"messages": item.messages(thinking=thinking), **media, "thinking": thinking}
 
     def length(self, i: int, tokenizer: data.Tokenizer) -> int:

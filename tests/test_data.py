@@ -348,6 +348,24 @@ def test_render_chat_with_video_and_bad_input(tok):
         D.render_chat([{"content": "x"}], tok)
 
 
+def test_earlier_replies_keep_only_their_answer(tok):
+    """An earlier reply appears as the released client keeps it (the <answer> body, else what follows </think>);
+    one that lost its reasoning is context only, a plain one is still learned."""
+    assert D.history_reply("<think>r</think><answer>It is <|begin_of_box|>7<|end_of_box|>.</answer><|user|>") == \
+        "It is <|begin_of_box|>7<|end_of_box|>."
+    assert D.history_reply("<think>r</think> plain") == " plain" and D.history_reply("hello") == "hello"
+    reply = "<think>r</think><answer>A</answer>"
+    convo = [{"role": "user", "content": "q1"}, {"role": "assistant", "content": reply},
+             {"role": "user", "content": "q2"}, {"role": "assistant", "content": "plain"},
+             {"role": "user", "content": "q3"}]
+    enc = D.render_chat(convo, tok)
+    assert enc["text"] == ("[gMASK]<sop><|user|>\nq1<|assistant|>\nA<|user|>\nq2<|assistant|>\nplain<|user|>\nq3"
+                           "<|assistant|>\n")
+    assert masked_text(tok, enc) == "plain<|user|>"
+    assert D.render_chat(convo + [{"role": "assistant", "content": reply}], tok)["text"].endswith(
+        "q3<|assistant|>\n" + reply + "<|endoftext|>")
+
+
 def test_render_caption(tok):
     enc = D.render_caption("A red circle.", tok, image=rand_image(112, 112))
     assert enc["text"].startswith("[gMASK]<sop><|begin_of_image|>") and enc["text"].endswith(
@@ -397,7 +415,8 @@ def test_jsonl_source_formats_and_lengths(tmp_path, tok):
 
 @pytest.mark.parametrize("line, message", [
     ("{not json", "d.jsonl:2: not valid JSON"),
-    ({"text": "no image"}, "d.jsonl:2: expected 'messages'"),
+    ({"text": "no image"}, "d.jsonl:2: the record fits none of the accepted forms: \"messages\" .*ShareGPT.*"
+                           "caption pair.*keys \\['text'\\]"),
     ({"image": "missing.png", "text": "x"}, "d.jsonl:2: file not found: missing.png"),
     ({"messages": [{"role": "user", "content": "<image><image>x"}], "images": ["a.png"]}, "d.jsonl:2: .*2 images"),
     ({"messages": [{"role": "bot", "content": "x"}]}, "d.jsonl:2: .*unknown role"),
@@ -411,13 +430,101 @@ def test_jsonl_errors_name_file_and_line(tmp_path, line, message):
         D.JsonlSource(path)
 
 
-def test_corrupt_image_at_render_time_names_file_and_line(tmp_path, tok):
+def test_record_forms_of_llama_factory_sharegpt_and_openai(tmp_path, tok):
+    """One .json array (LLaMA-Factory's dataset files) holding every accepted form; each renders like the
+    OpenAI-form record of the same conversation."""
+    import base64
+    rand_image(112, 112).save(tmp_path / "a.png")
+    png = io.BytesIO()
+    rand_image(112, 112).save(png, "PNG")
+    data_url = "data:image/png;base64," + base64.b64encode(png.getvalue()).decode()
+    openai = {"messages": [{"role": "system", "content": "Be brief."},
+                           {"role": "user", "content": "<image>What is it?"},
+                           {"role": "assistant", "content": "A."}], "images": ["a.png"]}
+    records = [
+        openai,
+        {"conversations": [{"from": "human", "value": "<image>What is it?"}, {"from": "gpt", "value": "A."}],
+         "system": "Be brief.", "images": ["a.png"]},  # ShareGPT, the system prompt in its own column
+        {"conversations": [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "<image>What is it?"},
+                           {"from": "gpt", "value": "A."}], "image": "a.png"},  # LLaVA: one "image"
+        {"messages": [{"role": "system", "content": [{"type": "text", "text": "Be brief."}]},
+                      {"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url}},
+                                                   {"type": "text", "text": "What is it?"}]},
+                      {"role": "assistant", "content": [{"type": "text", "text": "A."}]}]},  # OpenAI parts
+        {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": [
+            {"type": "image", "path": "a.png"}, {"type": "text", "text": "What is it?"}]},
+            {"role": "assistant", "content": "A."}]},  # Hugging Face parts
+        {"instruction": "<image>What is it?", "output": "A.", "system": "Be brief.", "images": ["a.png"]},  # alpaca
+        {"image": data_url, "text": "a caption"},
+    ]
+    path, text = tmp_path / "d.json", json.dumps(records, indent=2)
+    path.write_text(text)
+    src = D.JsonlSource(path)
+    starts = [n for n, line in enumerate(text.split("\n"), 1) if line == "  {"]  # where each record begins
+    assert [src.where(i) for i in range(src.size)] == [f"{path}:{n}" for n in starts] and len(starts) == len(records)
+    expected = src.encode(0, tok)
+    for i in range(1, len(records) - 1):
+        enc = src.encode(i, tok)
+        assert enc["text"] == expected["text"] and torch.equal(enc["loss_mask"], expected["loss_mask"]), i
+        assert torch.equal(enc["pixel_values"], expected["pixel_values"]), i
+        assert src.length(i, tok) == len(enc["input_ids"])
+    assert masked_text(tok, src.encode(len(records) - 1, tok)) == "a caption<|endoftext|>"
+    alpaca = D.parse_record({"instruction": "Add", "input": "2 and 3", "output": "5", "history": [["hi", "hello"]]})
+    assert [m["content"] for m in alpaca["messages"]] == ["hi", "hello", "Add\n2 and 3", "5"]
+
+
+@pytest.mark.parametrize("text, message", [
+    ('[\n  {"image": "a.png", "text": "fine"},\n  {"image": "a.png", "text": \n  oops}\n]',
+     r"d.json:4: not valid JSON \(Expecting value at column 3\)"),
+    ('[\n  {"image": "a.png", "text": "fine"}\n  {"image": "a.png", "text": "x"}\n]', "d.json:3: not valid JSON"),
+    ('[{"image": "a.png", "text": "fine"},\n {"caption": "x"}]', "d.json:2: the record fits none of the accepted"),
+    ('[{"conversations": [{"from": "observation", "value": "x"}]}]', "d.json:1: .*'from' must be one of human"),
+    ('[{"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": "https://x/y.png"}]}]}]',
+     "d.json:1: https://x/y.png: URLs are not downloaded"),
+    ('[{"messages": [{"role": "user", "content": [{"type": "audio"}]}]}]', "d.json:1: .*image_url or video"),
+    ('[{"messages": [{"role": "user", "content": [{"type": "image", "image": "a.png"}]}], "images": ["a.png"]}]',
+     "d.json:1: images are given both"),
+])
+def test_json_array_errors_name_file_and_line(tmp_path, text, message):
+    rand_image(64, 64).save(tmp_path / "a.png")
+    (tmp_path / "d.json").write_text(text)
+    with pytest.raises(ValueError, match=message):
+        D.JsonlSource(tmp_path / "d.json")
+
+
+def test_no_think_share_applies_to_data_and_is_refused_where_it_does_nothing(tmp_path, tok):
+    import pretrain
+    lines = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content":
+                                                                   "<think>r</think><answer>a</answer>"}]}
+             for i in range(200)] + [{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content":
+                                                                                         "<think>r</think>a"}],
+                                      "thinking": True}] * 20
+    path = write_jsonl(tmp_path / "d.jsonl", lines)
+    tc = pretrain.resolve(pretrain.TrainConfig(stage="sft", data=str(path), no_think_share=0.5))
+    src = pretrain.data_source(tc)
+    thinking = [src.sample(i).get("thinking", True) for i in range(src.size)]
+    assert 70 < sum(thinking[:200]) < 130 and all(thinking[200:])
+    off = next(i for i in range(200) if not thinking[i])
+    assert "<|assistant|>\n<think></think><answer>a</answer>" in src.encode(off, tok)["text"]
+    assert pretrain.resolve(pretrain.TrainConfig(stage="sft")).no_think_share == 0.1
+    assert all(D.JsonlSource(path).sample(i).get("thinking", True) for i in range(200))
+    with pytest.raises(ValueError, match="--no-think-share"):
+        pretrain.resolve(pretrain.TrainConfig(stage="pretrain", data=str(path), no_think_share=0.2))
+
+
+def test_a_corrupt_image_is_skipped_with_its_file_and_line(tmp_path, tok, capsys):
     (tmp_path / "a.png").write_bytes(b"garbage")
-    src = D.JsonlSource(write_jsonl(tmp_path / "d.jsonl", [{"image": "a.png", "text": "x"}]))
-    with pytest.raises(ValueError, match=r"d.jsonl:1: .*a.png"):
+    Image.new("RGB", (56, 56)).save(tmp_path / "b.png")
+    src = D.JsonlSource(write_jsonl(tmp_path / "d.jsonl", [{"image": "a.png", "text": "x"},
+                                                            {"image": "b.png", "text": "y"}]))
+    with pytest.raises(D.BadData, match=r"a.png: unreadable") as e:
         src.encode(0, tok)
-    with pytest.raises(ValueError, match=r"d.jsonl:1: .*a.png"):
-        src.length(0, tok)
+    assert e.value.reason == "unreadable_image"
+    loader = D.PackedLoader(src, tok, seq_len=128)
+    assert {loader.index(s) for s in loader.batch(0)[0]["samples"]} == {1}  # every epoch's good sample
+    assert f"skipped {tmp_path / 'd.jsonl'}:1: " in capsys.readouterr().err
+    counts, examined = loader.bad_data(0)
+    assert set(counts) == {"unreadable_image"} and counts["unreadable_image"] in (examined // 2, (examined + 1) // 2)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -507,7 +614,7 @@ def test_packing_skips_overlong_samples_and_shuffles_finite_sources(tok):
     assert 1 not in seen and len(loader.skipped) >= 1  # the 300-char sample never fits in 64 tokens
     first_epoch = [loader.index(s) for s in range(6)]
     assert sorted(first_epoch) == list(range(6)) and first_epoch != [loader.index(s) for s in range(6, 12)]
-    with pytest.raises(ValueError, match="no sample fits"):
+    with pytest.raises(ValueError, match="no sample of the data can be packed"):
         D.PackedLoader(ListSource(samples[1:2]), tok, seq_len=16).batch(0)
 
 

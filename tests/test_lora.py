@@ -136,7 +136,8 @@ def test_peft_loads_the_adapter_export(lora_run, base, ids, tmp_path):
     root, straight = lora_run
     out = tmp_path / "adapter"
     os.makedirs(out)
-    pretrain.export_hf(straight, straight.cfg, sample.data.tiny_tokenizer(), str(out), 0, "peft", base)
+    run = pretrain.TrainConfig(stage="sft", init_from=str(base), lora_rank=4, lora_export="peft")
+    pretrain.export_hf(straight, straight.cfg, sample.data.tiny_tokenizer(), str(out), 0, run)
     assert sorted(os.listdir(out)) == ["adapter_config.json", "adapter_model.safetensors", "tokenizer.json"]
     reference = transformers.Glm4vForConditionalGeneration.from_pretrained(base)
     adapted = peft.PeftModel.from_pretrained(reference, str(out)).eval()

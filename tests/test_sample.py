@@ -374,7 +374,7 @@ def test_reply_printer_shows_thinking_answer_and_box(tok):
         printer.add([t])
     assert printer.finish() == reply
     assert out.getvalue() == "Thinking:\nhmm, é?\n\nAnswer:\nIt is **42**.\n\nBoxed answer: 42\n"
-    assert S.chat_history_reply(reply) == "<answer>It is <|begin_of_box|>42<|end_of_box|>.</answer>"
+    assert data.history_reply(reply) == "It is <|begin_of_box|>42<|end_of_box|>."  # what the next turn sees
 
 
 def test_cli_prompt_with_an_image_gives_the_generated_reply(checkpoint, pair):
@@ -412,7 +412,9 @@ def test_cli_interactive_chat_keeps_the_history(checkpoint, monkeypatch, tok):
     assert len(prompts) == 2 and "error: file not found: /no/such.png" in out
     first, second = tok.decode(prompts[0]), tok.decode(prompts[1])
     assert first.endswith("<|user|>\nfirst question<|assistant|>\n<think></think>")
-    assert second.startswith(first) and second.count("<|user|>") == 2 and "<|begin_of_image|>" in second
+    # the first reply stays by its answer alone (data.history_reply): no prefilled <think></think> before it
+    assert second.startswith(first.removesuffix("<think></think>")) and second.count("<think></think>") == 1
+    assert second.count("<|user|>") == 2 and "<|begin_of_image|>" in second
 
 
 def test_cli_errors_are_explained(checkpoint, tmp_path):
