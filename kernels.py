@@ -39,6 +39,7 @@ import os
 import sys
 import time
 import types
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -80,11 +81,34 @@ def use_triton(x: torch.Tensor) -> bool:
     return True
 
 
+class GpuLimits(NamedTuple):
+    """The facts about a GPU that launch parameters depend on."""
+    arch: int  # compute capability as 10·major + minor: 80 (A100), 89 (L40S, RTX 4090), 90 (H100/H200), 100 (B200)
+    smem_per_block: int  # bytes of shared memory one program may use (the opt-in maximum, which Triton checks)
+    sm_count: int  # streaming multiprocessors
+
+
+def gpu_limits(device: torch.device) -> "GpuLimits | None":
+    """The limits of the GPU holding tensors on `device`; None where the kernels run in Triton's interpreter.
+    Every launch parameter that depends on the hardware is derived from this (the ahead-of-time compile test
+    substitutes the limits of each target GPU here)."""
+    if device.type != "cuda" or INTERPRETED:
+        return None
+    return _cuda_limits(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)  # a GPU's properties do not change while the process runs
+def _cuda_limits(index: int) -> GpuLimits:
+    props = torch.cuda.get_device_properties(index)
+    # the opt-in maximum per block is the multiprocessor's shared memory less the 1 KB the driver reserves
+    smem = getattr(props, "shared_memory_per_block_optin", props.shared_memory_per_multiprocessor - 1024)
+    return GpuLimits(10 * props.major + props.minor, smem, props.multi_processor_count)
+
+
 def _num_programs_for_reduction(device: torch.device, n_rows: int) -> int:
     """How many programs share a row reduction: enough to fill a GPU, few in the interpreter."""
-    if device.type == "cuda" and not INTERPRETED:
-        return min(n_rows, 4 * torch.cuda.get_device_properties(device).multi_processor_count)
-    return min(n_rows, 4)
+    limits = gpu_limits(device)
+    return min(n_rows, 4 * limits.sm_count if limits else 4)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -361,25 +385,41 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, CU_SEQLENS, qk_scale, sm_sc
     tl.store(DQ + rows * stride_dqt + head * stride_dqh + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=mask)
 
 
-def _attention_tiles(head_dim: int, dtype: torch.dtype, device: torch.device) -> dict:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel. In the forward and dQ kernels BLOCK_M (queries) must
-    be a multiple of BLOCK_N (keys); in the dK/dV kernel the other way round (see the causal loops)."""
-    if device.type != "cuda" or INTERPRETED:
-        # small tiles in the interpreter (ratios as on the GPU, so the tests cover the same loop bounds)
-        return dict(fwd=(32, 16, 4, 1), dkdv=(16, 32, 4, 1), dq=(32, 16, 4, 1))
+ATTENTION_KERNELS = ("fwd", "dkdv", "dq")
+
+
+def attention_tiles(arch: int, dtype: torch.dtype, head_dim: int, kind: str, smem_limit: int) -> tuple:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of attention kernel `kind` ("fwd", "dkdv" or "dq") on a GPU of
+    compute capability `arch` whose programs may use `smem_limit` bytes of shared memory. BLOCK_M counts queries,
+    BLOCK_N keys. In the forward and dQ kernels BLOCK_M must be a multiple of BLOCK_N; in the dK/dV kernel the
+    other way round (see the causal loops)."""
+    if kind not in ATTENTION_KERNELS:
+        raise ValueError(f"kind must be one of {ATTENTION_KERNELS}, not {kind!r}")
     block_d = triton.next_power_of_2(head_dim)
-    big_smem = torch.cuda.get_device_properties(device).shared_memory_per_multiprocessor >= 160 * 1024
+    big_smem = smem_limit >= 160 * 1024
     if dtype == torch.float32 or block_d > 128 or not big_smem:
-        return dict(fwd=(64, 32, 4, 2), dkdv=(16, 64, 4, 2), dq=(64, 16, 4, 2))
+        return dict(fwd=(64, 32, 4, 2), dkdv=(16, 64, 4, 2), dq=(64, 16, 4, 2))[kind]
     warps = 4 if block_d <= 64 else 8
-    return dict(fwd=(128, 64, warps, 3), dkdv=(32, 128, warps, 2), dq=(128, 32, warps, 2))
+    return dict(fwd=(128, 64, warps, 3), dkdv=(32, 128, warps, 2), dq=(128, 32, warps, 2))[kind]
+
+
+# small tiles in the interpreter (ratios as on the GPU, so the tests cover the same loop bounds)
+_INTERPRETER_TILES = dict(fwd=(32, 16, 4, 1), dkdv=(16, 32, 4, 1), dq=(32, 16, 4, 1))
+
+
+def _attention_tiles(head_dim: int, dtype: torch.dtype, device: torch.device, kind: str) -> tuple:
+    """attention_tiles for the GPU holding `device`'s tensors, or the interpreter's tiles."""
+    limits = gpu_limits(device)
+    if limits is None:
+        return _INTERPRETER_TILES[kind]
+    return attention_tiles(limits.arch, dtype, head_dim, kind, limits.smem_per_block)
 
 
 def _group_splits(group: int, programs: int, device: torch.device) -> int:
     """Over how many programs the dK/dV kernel spreads one GQA group: the smallest divisor of the group that gives
     at least two programs per streaming multiprocessor (a small target in the interpreter, so tests cover it)."""
-    target = 16 if device.type != "cuda" or INTERPRETED else 2 * torch.cuda.get_device_properties(
-        device).multi_processor_count
+    limits = gpu_limits(device)
+    target = 2 * limits.sm_count if limits else 16
     return next((d for d in range(1, group + 1) if group % d == 0 and programs * d >= target), group)
 
 
@@ -395,7 +435,7 @@ class _FlashAttention(torch.autograd.Function):
         group = num_heads // k.shape[1]
         o = torch.empty_like(q)
         lse = torch.empty(num_heads, total, dtype=torch.float32, device=q.device)  # base-2 logsumexp per row
-        block_m, block_n, warps, stages = _attention_tiles(head_dim, q.dtype, q.device)["fwd"]
+        block_m, block_n, warps, stages = _attention_tiles(head_dim, q.dtype, q.device, "fwd")
         grid = (triton.cdiv(max_seqlen, block_m), cu_seqlens.numel() - 1, num_heads)
         _attn_fwd_kernel[grid](
             q, k, v, o, lse, cu_seqlens, sm_scale * math.log2(math.e), total,
@@ -414,7 +454,6 @@ class _FlashAttention(torch.autograd.Function):
         num_kv_heads = k.shape[1]
         do = do if do.stride(-1) == 1 else do.contiguous()
         block_d = max(16, triton.next_power_of_2(head_dim))
-        tiles = _attention_tiles(head_dim, q.dtype, q.device)
         precision = _dot_precision(q.dtype)
         qk_scale = ctx.sm_scale * math.log2(math.e)
         num_segments = cu_seqlens.numel() - 1
@@ -425,7 +464,7 @@ class _FlashAttention(torch.autograd.Function):
             o, do, delta, total, o.stride(0), o.stride(1), do.stride(0), do.stride(1),
             HEAD_DIM=head_dim, BLOCK_T=block_t, BLOCK_D=block_d)
 
-        block_m, block_n, warps, stages = tiles["dkdv"]
+        block_m, block_n, warps, stages = _attention_tiles(head_dim, q.dtype, q.device, "dkdv")
         group = num_heads // num_kv_heads
         programs = triton.cdiv(ctx.max_seqlen, block_n) * num_segments * num_kv_heads
         splits = _group_splits(group, programs, q.device)
@@ -445,7 +484,7 @@ class _FlashAttention(torch.autograd.Function):
             dk, dv = dk_parts.sum(0).to(k.dtype), dv_parts.sum(0).to(v.dtype)
 
         dq = torch.empty_like(q)
-        block_m, block_n, warps, stages = tiles["dq"]
+        block_m, block_n, warps, stages = _attention_tiles(head_dim, q.dtype, q.device, "dq")
         _attn_bwd_dq_kernel[(triton.cdiv(ctx.max_seqlen, block_m), num_segments, num_heads)](
             q, k, v, do, dq, lse, delta, cu_seqlens, qk_scale, ctx.sm_scale, total,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1),
