@@ -27,6 +27,7 @@ import json
 import multiprocessing
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -36,6 +37,9 @@ if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
     sys.exit("aot_compile.py needs triton without its interpreter: run it with TRITON_INTERPRET=0")
 os.environ["TRITON_INTERPRET"] = "0"  # kernels.py would switch the interpreter on without a GPU
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9's default, without its warning
+os.environ["TRITON_ALWAYS_COMPILE"] = "1"  # every build runs ptxas (its report is read), none comes from a cache
+if "AOT_COMPILE_CACHE" not in os.environ:  # one scratch cache for this run and its workers, removed at the end
+    os.environ["AOT_COMPILE_CACHE"] = os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="aot-compile-")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -59,8 +63,16 @@ TARGETS = {
     90: ("H100", kernels.GpuLimits(90, 232448, 132)),
     100: ("B200", kernels.GpuLimits(100, 232448, 148)),
 }
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# "tf32": fp32 tensors with torch.backends.cuda.matmul.allow_tf32 on (the attention's dots then use TF32)
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "tf32": torch.float32}
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+ATTENTION_KINDS = {"_attn_fwd_kernel": "fwd", "_attn_bwd_dkdv_kernel": "dkdv", "_attn_bwd_dq_kernel": "dq"}
+
+
+def jit_functions() -> dict:
+    """Every @triton.jit function of kernels.py: name -> "kernel" (launched, named *_kernel) or "helper"."""
+    return {name: "kernel" if name.endswith("_kernel") else "helper" for name, obj in vars(kernels).items()
+            if isinstance(obj, JITFunction)}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -68,6 +80,9 @@ BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin"
 # ---------------------------------------------------------------------------------------------------------------
 
 TEXT_SEGMENTS = [1000, 1037]  # two packed samples; 2037 tokens, not a multiple of 16 (the general case)
+# One long sample: enough key blocks × kv heads to fill any of the GPUs below, so the dK/dV kernel does not split
+# the GQA group (the short samples above make it split: a build with fp32 partial sums)
+LONG_SEGMENTS = [20001]
 VIT_GRIDS = [(32, 32), (16, 40), (14, 42)]  # three images of different sizes: 2252 patches
 
 
@@ -101,6 +116,15 @@ def text_layer(cfg, dtype):
                              torch.zeros(3, 1, 1, dtype=torch.long), cfg.rotary_dim, cfg.mrope_section, cfg.rope_theta)
 
 
+def text_attention_long(cfg, dtype):
+    """The decoder's attention on one long sample (the dK/dV kernel without the GQA split)."""
+    n, d = sum(LONG_SEGMENTS), cfg.head_dim
+    q = _empty(n, cfg.num_attention_heads, d, dtype=dtype, grad=True)
+    k, v = (_empty(n, cfg.num_key_value_heads, d, dtype=dtype, grad=True) for _ in range(2))
+    kernels.flash_attention_triton(q, k, v, _cu_seqlens(LONG_SEGMENTS), causal=True,
+                                   max_seqlen=max(LONG_SEGMENTS)).sum().backward()
+
+
 def vit_block(cfg, dtype):
     """vision.VisionAttention.forward on three packed images, and a block's RMSNorm, forward and backward."""
     lengths = [h * w for h, w in VIT_GRIDS]
@@ -118,7 +142,11 @@ def vit_block(cfg, dtype):
 
 # (name, preset, function): every place the model enters kernels.py, per preset
 CASES = [(f"{preset} {part}", preset, fn) for preset in ("tiny", "9b")
-         for part, fn in (("text", text_layer), ("vit", vit_block))]
+         for part, fn in (("text", text_layer), ("long", text_attention_long), ("vit", vit_block))]
+# The default set (tests/test_aot.py): every kernel at every tile configuration the launchers choose, since the
+# tiles depend on the GPU, the dtype and the head dim only (tiny: 64, 9B: 128), with both the text decoder and
+# the ViT at head dim 128. The tiny preset's ViT and long samples add builds with tiles the set already has.
+QUICK_CASES = ("tiny text", "9b text", "9b long", "9b vit")
 
 
 @contextlib.contextmanager
@@ -148,15 +176,28 @@ def pretending_gpu(limits: kernels.GpuLimits):
         kernels.gpu_limits = original
 
 
-def launches_for(arch: int, dtype: torch.dtype) -> list:
-    """The distinct kernel builds the model's calls would launch on GPU `arch` in `dtype`: a list of dicts with the
-    kernel's name, the case that launches it, its launch options and its Triton specialisation."""
+@contextlib.contextmanager
+def tf32_matmuls(allowed: bool):
+    original = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = allowed
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = original
+
+
+def launches_for(arch: int, dtype_name: str, cases=QUICK_CASES) -> list:
+    """The distinct kernel builds the model's calls would launch on GPU `arch` in `dtype_name` (a key of DTYPES):
+    a list of dicts with the kernel's name, the case that launches it, its launch options and its Triton
+    specialisation."""
     target = GPUTarget("cuda", arch, 32)
     backend = make_backend(target)
     jobs = {}
     for case, preset, fn in CASES:
-        with pretending_gpu(TARGETS[arch][1]), recording_launches() as launches:
-            fn(M.PRESETS[preset], dtype)
+        if case not in cases:
+            continue
+        with pretending_gpu(TARGETS[arch][1]), recording_launches() as launches, tf32_matmuls(dtype_name == "tf32"):
+            fn(M.PRESETS[preset], DTYPES[dtype_name])
         for kernel, args, kwargs in launches:
             # what JITFunction.run does before compiling: bind, specialise, split options from constexprs
             binder = create_function_from_signature(kernel.signature, kernel.params, backend)
@@ -166,8 +207,13 @@ def launches_for(arch: int, dtype: torch.dtype) -> list:
             if key in jobs:
                 continue
             consts = {kernel.arg_names[path[0]]: value for path, value in constexprs.items()}
-            jobs[key] = dict(kernel=kernel.__name__, case=case, arch=arch, dtype=str(dtype).replace("torch.", ""),
+            kind = ATTENTION_KINDS.get(kernel.__name__)
+            estimate = None if kind is None else kernels.attention_smem_bytes(
+                kind, arch, consts["BLOCK_D"], DTYPES[dtype_name].itemsize,
+                (consts["BLOCK_M"], consts["BLOCK_N"], opts.num_warps, opts.num_stages))
+            jobs[key] = dict(kernel=kernel.__name__, case=case, arch=arch, dtype=dtype_name,
                              num_warps=opts.num_warps, num_stages=opts.num_stages, constexprs=consts,
+                             attention_kind=kind, smem_estimate=estimate,
                              signature=signature, constexpr_paths=constexprs, attrs=attrs,
                              options={k: kwargs[k] for k in ("num_warps", "num_stages") if k in kwargs})
     return list(jobs.values())
@@ -223,8 +269,8 @@ def compile_job(job: dict) -> dict:
     return dict(result, **usage, shared=smem, smem_limit=limit, seconds=time.perf_counter() - start)
 
 
-def compile_all(archs, dtypes, workers: int) -> list:
-    jobs = [job for arch in archs for dtype in dtypes for job in launches_for(arch, DTYPES[dtype])]
+def compile_all(archs, dtypes, cases, workers: int) -> list:
+    jobs = [job for arch in archs for dtype in dtypes for job in launches_for(arch, dtype, cases)]
     # the big attention kernels first, so the pool's last jobs are short
     jobs.sort(key=lambda j: not j["kernel"].startswith(("_attn_fwd_kernel", "_attn_bwd_dkdv", "_attn_bwd_dq")))
     if workers <= 1:
@@ -259,17 +305,25 @@ def table(rows: list) -> str:
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", default=",".join(map(str, TARGETS)), help="compute capabilities, e.g. 80,90")
-    parser.add_argument("--dtype", default=",".join(DTYPES), help="bf16, fp16, fp32")
+    parser.add_argument("--dtype", default="bf16,fp32", help="bf16, fp16, fp32, tf32 (fp32 with TF32 dots)")
+    parser.add_argument("--full", action="store_true",
+                        help="every dtype and every case (the tiny ViT, long samples for both presets)")
     parser.add_argument("--workers", type=int, default=os.cpu_count(), help="parallel compiles")
     parser.add_argument("--json", help="write the measurements here")
     args = parser.parse_args()
     start = time.perf_counter()
-    rows = compile_all([int(a) for a in args.arch.split(",")], args.dtype.split(","), args.workers)
+    try:
+        dtypes, cases = (list(DTYPES), [c[0] for c in CASES]) if args.full else (args.dtype.split(","), QUICK_CASES)
+        archs = [int(a) for a in args.arch.split(",")]
+        rows = compile_all(archs, dtypes, cases, args.workers)
+    finally:
+        shutil.rmtree(os.environ["AOT_COMPILE_CACHE"], ignore_errors=True)
     print(table(rows))
     print(f"{len(rows)} builds in {time.perf_counter() - start:.0f} s with {args.workers} workers")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1, default=str)
+            json.dump(dict(jit_functions=jit_functions(), archs=archs, dtypes=dtypes, cases=list(cases),
+                           table=table(rows), builds=rows), f, indent=1, default=str)
 
 
 if __name__ == "__main__":
