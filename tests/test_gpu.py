@@ -40,9 +40,18 @@ def error(x, truth) -> float:
     return (x.float() - truth).abs().max().item() / max(truth.abs().max().item(), 1.0)
 
 
+# bench.py --gpu sets this: each comparison's errors are appended there (JSON lines) for its table
+REPORT = os.environ.get("GLM4V_GPU_REPORT")
+
+
 def assert_like_peer(ours, peer, truth, what, factor=2.0, floor=1e-3):
     """Our error against the fp32 truth is at most `factor` × the peer's (the torch path in the same dtype)."""
     ours_err, peer_err = error(ours, truth), error(peer, truth)
+    if REPORT:
+        test = os.environ.get("PYTEST_CURRENT_TEST", "").split(" ")[0]
+        with open(REPORT, "a") as f:
+            f.write(json.dumps(dict(test=test, what=what, ours=ours_err, peer=peer_err, factor=factor,
+                                    floor=floor)) + "\n")
     assert ours_err <= factor * peer_err + floor, f"{what}: ours {ours_err:.3g}, torch {peer_err:.3g} (vs fp32)"
     return ours_err, peer_err
 
