@@ -1,6 +1,7 @@
 """Compile every Triton kernel of kernels.py ahead of time for real GPUs, on a machine without one.
 
-    python tests/aot_compile.py                      # sm_80, sm_89, sm_90, sm_100 × bf16, fp16, fp32: a table
+    python tests/aot_compile.py              # sm_80, sm_89, sm_90, sm_100 × bf16, fp32: a table (~100 s, 2 cores)
+    python tests/aot_compile.py --full       # + fp16, fp32 with TF32, the tiny ViT, long tiny samples (~10 min)
     python tests/aot_compile.py --arch 80,90 --dtype bf16 --json out.json
 
 How it knows what would launch: the real launchers (`flash_attention_triton` forward and backward, the RoPEs,
