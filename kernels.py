@@ -11,11 +11,15 @@ Algorithmic choices:
   output). Packed variable-length batches: a program reads its segment's bounds from `cu_seqlens`, so images or
   samples of any size share one launch and attend only within themselves. GQA: query head h reads kv head
   h // (Hq / Hkv). Any head_dim up to 256: tiles are padded to the next power of two and the padding is masked.
-  Inputs in fp32/bf16/fp16, accumulation in fp32. The causal mask is applied only on blocks that cross the
-  diagonal; blocks below it take a mask-free path.
+  Inputs in fp32/bf16/fp16, accumulation in fp32. In the forward and dQ kernels the causal mask is applied only
+  on blocks that cross the diagonal; blocks below it take a mask-free path.
 - **Attention backward** recomputes the probabilities block by block from the saved logsumexp (no T×T storage):
   a preprocess computes delta = rowsum(dO·O); one kernel owns a block of keys and accumulates dK, dV over the
-  query heads of its GQA group (so no atomics); another owns a block of queries and accumulates dQ.
+  query heads of its GQA group (so no atomics; one loop, masked throughout when causal, to stay within the
+  registers); another owns a block of queries and accumulates dQ.
+- **Tiles per GPU**: `attention_tiles(arch, dtype, head_dim, kind, smem_limit)` picks block sizes, warps and
+  pipeline stages; `tests/test_aot.py` compiles every kernel for sm_80/89/90/100 without a GPU and checks shared
+  memory, registers and spills of what the launchers would launch.
 - **One RoPE kernel for both RoPEs**: both rotate pairs of dims by angle position·inv_freq, where each frequency
   takes its position from one row of a small position table (M-RoPE: t/h/w by `mrope_section`; ViT: row/col).
   Only the pairing differs (interleaved (2i, 2i+1) for M-RoPE, halves (i, i+D/2) for the ViT). cos/sin are
@@ -38,6 +42,7 @@ import math
 import os
 import sys
 import types
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -53,7 +58,7 @@ try:
     HAS_TRITON = True
 except ImportError:  # no Triton wheels for macOS or Windows: the kernels below are defined but never launched
     HAS_TRITON = False
-    triton = tl = types.SimpleNamespace(jit=lambda fn: fn, constexpr=None)
+    triton = tl = types.SimpleNamespace(jit=lambda fn=None, **options: fn or (lambda f: f), constexpr=None)
 
 # True when Triton runs kernels in its interpreter (on any tensor, CPU included).
 INTERPRETED = HAS_TRITON and not isinstance(tl.sum, triton.runtime.JITFunction)
@@ -79,11 +84,34 @@ def use_triton(x: torch.Tensor) -> bool:
     return True
 
 
+class GpuLimits(NamedTuple):
+    """The facts about a GPU that launch parameters depend on."""
+    arch: int  # compute capability as 10·major + minor: 80 (A100), 89 (L40S, RTX 4090), 90 (H100/H200), 100 (B200)
+    smem_per_block: int  # bytes of shared memory one program may use (the opt-in maximum, which Triton checks)
+    sm_count: int  # streaming multiprocessors
+
+
+def gpu_limits(device: torch.device) -> "GpuLimits | None":
+    """The limits of the GPU holding tensors on `device`; None where the kernels run in Triton's interpreter.
+    Every launch parameter that depends on the hardware is derived from this (the ahead-of-time compile test
+    substitutes the limits of each target GPU here)."""
+    if device.type != "cuda" or INTERPRETED:
+        return None
+    return _cuda_limits(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)  # a GPU's properties do not change while the process runs
+def _cuda_limits(index: int) -> GpuLimits:
+    props = torch.cuda.get_device_properties(index)
+    # the opt-in maximum per block is the multiprocessor's shared memory less the 1 KB the driver reserves
+    smem = getattr(props, "shared_memory_per_block_optin", props.shared_memory_per_multiprocessor - 1024)
+    return GpuLimits(10 * props.major + props.minor, smem, props.multi_processor_count)
+
+
 def _num_programs_for_reduction(device: torch.device, n_rows: int) -> int:
     """How many programs share a row reduction: enough to fill a GPU, few in the interpreter."""
-    if device.type == "cuda" and not INTERPRETED:
-        return min(n_rows, 4 * torch.cuda.get_device_properties(device).multi_processor_count)
-    return min(n_rows, 4)
+    limits = gpu_limits(device)
+    return min(n_rows, 4 * limits.sm_count if limits else 4)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -213,47 +241,60 @@ def _attn_bwd_delta_kernel(O, DO, DELTA, total, stride_ot, stride_oh, stride_dot
 
 
 @triton.jit
-def _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot, offs_n,
-                         seq_len, lo, hi, qk_scale, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr,
-                         BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Accumulate dK, dV of one key block over query blocks [lo, hi); Pᵀ and dPᵀ have keys as rows.
+def _attn_bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, seq_start, total, first_head, n_heads, stride_qt,
+                         stride_qh, stride_dot, stride_doh, offs_n, seq_len, lo, qk_scale, HEAD_DIM: tl.constexpr,
+                         MASKED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+                         DOT_PRECISION: tl.constexpr):
+    """Accumulate dK, dV of one key block over the query blocks [lo, seq_len) of query heads first_head ...
+    first_head + n_heads - 1. Pᵀ and dPᵀ have keys as rows.
 
-    Query rows past the segment's end load as zeros (q, dO, lse, delta), which makes their terms exactly zero,
-    so only the causal diagonal needs a mask."""
+    One flat loop over (head, query block), with the causal mask (MASKED) on every block. Nested loops (heads,
+    then query blocks) or a second, mask-free loop for the blocks below the diagonal (as in the forward) cost
+    registers this kernel, holding dK and dV, does not have: compiled for sm_90/sm_100 at 32×128 tiles they
+    spilled 24-440 bytes per thread, the flat loop none (tests/test_aot.py). The mask is one compare and select
+    per score, against 4·D multiply-adds on the tensor cores. Query rows past the segment's end load as zeros
+    (q, dO, lse, delta), which makes their terms exactly zero."""
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < HEAD_DIM
-    for start_m in range(lo, hi, BLOCK_M):
-        m = start_m + offs_m
+    n_blocks = tl.cdiv(seq_len - lo, BLOCK_M)
+    for i in range(n_heads * n_blocks):
+        head = first_head + i // n_blocks
+        q_base = Q + seq_start * stride_qt + head * stride_qh
+        do_base = DO + seq_start * stride_dot + head * stride_doh
+        row_base = head * total + seq_start  # of this head's lse and delta
+        m = lo + (i % n_blocks) * BLOCK_M + offs_m
         m_mask = m < seq_len
         qd_mask = m_mask[:, None] & d_mask[None, :]
         q = tl.load(q_base + m[:, None] * stride_qt + offs_d[None, :], mask=qd_mask, other=0.0)  # (M, D)
-        lse = tl.load(lse_base + m, mask=m_mask, other=0.0)
+        lse = tl.load(LSE + row_base + m, mask=m_mask, other=0.0)
         p_t = tl.exp2(tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale - lse[None, :])  # Pᵀ (N, M)
         if MASKED:
             p_t = tl.where(m[None, :] >= offs_n[:, None], p_t, 0.0)
         do = tl.load(do_base + m[:, None] * stride_dot + offs_d[None, :], mask=qd_mask, other=0.0)  # (M, D)
         dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
         dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)  # dPᵀ = V dOᵀ (N, M)
-        delta = tl.load(delta_base + m, mask=m_mask, other=0.0)
+        delta = tl.load(DELTA + row_base + m, mask=m_mask, other=0.0)
         ds_t = p_t * (dp_t - delta[None, :])  # softmax backward: dS = P ∘ (dP − delta)
         dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION)
     return dk, dv
 
 
-@triton.jit
-def _attn_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, CU_SEQLENS, qk_scale, sm_scale, total,
+# `splits` depends on the sequence lengths, so it is a plain argument (not a constexpr, and not specialised on
+# its value): one build serves every split count, and the ahead-of-time test compiles what launches.
+@triton.jit(do_not_specialize=["splits"])
+def _attn_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, CU_SEQLENS, qk_scale, sm_scale, total, splits,
                           stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
                           stride_dk_split, stride_dkt, stride_dkh, stride_dv_split, stride_dvt, stride_dvh,
-                          GROUP: tl.constexpr, SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr,
+                          GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                           DOT_PRECISION: tl.constexpr):
     """One program = one block of BLOCK_N keys of one segment and one kv head; it loops over the query heads that
     share this kv head, so dK and dV are summed in registers instead of with atomics. When that grid would be too
-    small to fill the GPU (short sequences, few kv heads), the GROUP query heads are split over SPLITS programs,
+    small to fill the GPU (short sequences, few kv heads), the GROUP query heads are split over `splits` programs,
     each writing its partial sums to its own slice of DK/DV (summed afterwards)."""
     segment = tl.program_id(1)
-    kv_head, split = tl.program_id(2) // SPLITS, tl.program_id(2) % SPLITS
+    kv_head, split = tl.program_id(2) // splits, tl.program_id(2) % splits
     seq_start = tl.load(CU_SEQLENS + segment).to(tl.int64)
     seq_len = (tl.load(CU_SEQLENS + segment + 1) - seq_start).to(tl.int32)
     start_n = tl.program_id(0) * BLOCK_N
@@ -268,26 +309,12 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, CU_SEQLENS, qk_scale,
                 other=0.0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    for g in range(GROUP // SPLITS):
-        head = kv_head * GROUP + split * (GROUP // SPLITS) + g
-        q_base = Q + seq_start * stride_qt + head * stride_qh
-        do_base = DO + seq_start * stride_dot + head * stride_doh
-        lse_base = LSE + head * total + seq_start
-        delta_base = DELTA + head * total + seq_start
-        if CAUSAL:
-            # queries before start_n never see these keys; [start_n, start_n + BLOCK_N) straddle the diagonal
-            # (BLOCK_N is a multiple of BLOCK_M); later queries see every key of the block
-            diagonal_end = tl.minimum(start_n + BLOCK_N, seq_len)
-            dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt,
-                                          stride_dot, offs_n, seq_len, start_n, diagonal_end, qk_scale, HEAD_DIM,
-                                          True, BLOCK_M, BLOCK_D, DOT_PRECISION)
-            dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt,
-                                          stride_dot, offs_n, seq_len, start_n + BLOCK_N, seq_len, qk_scale,
-                                          HEAD_DIM, False, BLOCK_M, BLOCK_D, DOT_PRECISION)
-        else:
-            dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt,
-                                          stride_dot, offs_n, seq_len, 0, seq_len, qk_scale, HEAD_DIM, False,
-                                          BLOCK_M, BLOCK_D, DOT_PRECISION)
+    heads_per_split = GROUP // splits
+    # causal: queries before start_n never see these keys
+    dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, seq_start, total,
+                                  kv_head * GROUP + split * heads_per_split, heads_per_split, stride_qt, stride_qh,
+                                  stride_dot, stride_doh, offs_n, seq_len, start_n if CAUSAL else 0, qk_scale,
+                                  HEAD_DIM, CAUSAL, BLOCK_M, BLOCK_D, DOT_PRECISION)
     dk *= sm_scale  # S = scale · QKᵀ, so dK = scale · dSᵀQ
     dk_base = DK + split * stride_dk_split + kv_head * stride_dkh
     dv_base = DV + split * stride_dv_split + kv_head * stride_dvh
@@ -360,25 +387,76 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, CU_SEQLENS, qk_scale, sm_sc
     tl.store(DQ + rows * stride_dqt + head * stride_dqh + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=mask)
 
 
-def _attention_tiles(head_dim: int, dtype: torch.dtype, device: torch.device) -> dict:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel. In the forward and dQ kernels BLOCK_M (queries) must
-    be a multiple of BLOCK_N (keys); in the dK/dV kernel the other way round (see the causal loops)."""
-    if device.type != "cuda" or INTERPRETED:
-        # small tiles in the interpreter (ratios as on the GPU, so the tests cover the same loop bounds)
-        return dict(fwd=(32, 16, 4, 1), dkdv=(16, 32, 4, 1), dq=(32, 16, 4, 1))
-    block_d = triton.next_power_of_2(head_dim)
-    big_smem = torch.cuda.get_device_properties(device).shared_memory_per_multiprocessor >= 160 * 1024
-    if dtype == torch.float32 or block_d > 128 or not big_smem:
-        return dict(fwd=(64, 32, 4, 2), dkdv=(16, 64, 4, 2), dq=(64, 16, 4, 2))
-    warps = 4 if block_d <= 64 else 8
-    return dict(fwd=(128, 64, warps, 3), dkdv=(32, 128, warps, 2), dq=(128, 32, warps, 2))
+ATTENTION_KERNELS = ("fwd", "dkdv", "dq")
+
+
+def _attention_candidates(arch: int, dtype: torch.dtype, block_d: int) -> dict:
+    """Per kernel, (BLOCK_M, BLOCK_N, num_warps, num_stages) in order of preference. Chosen by compiling for
+    sm_80/89/90/100 (tests/test_aot.py prints the table): the first of each list neither spills nor, where it
+    fits, leaves shared memory unused; the later ones only serve GPUs with less shared memory."""
+    if dtype == torch.float32:
+        # fp32 dots ("ieee") run on the FMA units, which hold a thread's rows of both operands, the whole head
+        # dim of them, in registers: at most 2 scores per thread (BLOCK_M·BLOCK_N ≤ 2·32·num_warps) or it spills
+        return dict(fwd=[(32, 16, 8, 2)], dkdv=[(16, 16, 8, 2)], dq=[(32, 16, 8, 2)])
+    if block_d > 128:  # head_dim 129..256: no preset has one; small tiles that fit every GPU (not tuned)
+        return dict(fwd=[(64, 32, 4, 2)], dkdv=[(16, 64, 4, 2)], dq=[(64, 16, 4, 2)])
+    # dK/dV holds two (BLOCK_N × D) fp32 accumulators. Before Hopper the MMA's first operand also lives in
+    # registers, which at D = 128 leaves no room for 128 keys per program (it spills on sm_80 even with 16
+    # queries); Hopper's wgmma reads it from shared memory.
+    dkdv_keys = 128 if arch >= 90 or block_d <= 64 else 64
+    return dict(fwd=[(128, 64, 8, 3), (128, 64, 8, 2), (64, 32, 4, 2)],
+                dkdv=[(32, dkdv_keys, 8, 2), (32, 64, 8, 2), (16, 64, 4, 2)],
+                dq=[(128, 32, 8, 2), (64, 32, 4, 2)])
+
+
+def attention_smem_bytes(kind: str, arch: int, block_d: int, element_size: int, tiles: tuple) -> int:
+    """An upper bound of the shared memory an attention kernel takes with these tiles: the tiles its loop streams,
+    once per pipeline stage, plus the tiles it keeps (MMA operands; twice from sm_100 on, where the compiled
+    kernels measured up to 15 KB more than one copy), plus 2 KB (barriers, reductions). tests/test_aot.py checks it
+    against every compiled build."""
+    block_m, block_n, _, stages = tiles
+    row = block_d * element_size
+    copies = 2 if arch >= 100 else 1
+    if kind == "fwd":  # streams K, V (N × D); keeps Q (M × D)
+        tile_bytes = stages * 2 * block_n * row + copies * block_m * row
+    elif kind == "dkdv":  # streams Q, dO (M × D) and lse, delta (M); keeps K, V (N × D)
+        tile_bytes = stages * block_m * (2 * row + 8) + copies * 2 * block_n * row
+    else:  # dq: streams K, V (N × D); keeps Q, dO (M × D) and lse, delta (M)
+        tile_bytes = stages * 2 * block_n * row + copies * block_m * (2 * row + 8)
+    return tile_bytes + 2048
+
+
+def attention_tiles(arch: int, dtype: torch.dtype, head_dim: int, kind: str, smem_limit: int) -> tuple:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of attention kernel `kind` ("fwd", "dkdv" or "dq") on a GPU of
+    compute capability `arch` (80 for sm_80) whose programs may use `smem_limit` bytes of shared memory: the first
+    preferred tiles that fit. BLOCK_M counts queries, BLOCK_N keys; in the forward and dQ kernels BLOCK_M is a
+    multiple of BLOCK_N (their causal loops split at a block boundary)."""
+    if kind not in ATTENTION_KERNELS:
+        raise ValueError(f"kind must be one of {ATTENTION_KERNELS}, not {kind!r}")
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    element_size = dtype.itemsize
+    candidates = _attention_candidates(arch, dtype, block_d)[kind]
+    fitting = [t for t in candidates if attention_smem_bytes(kind, arch, block_d, element_size, t) <= smem_limit]
+    return (fitting or candidates[-1:])[0]
+
+
+# small tiles in the interpreter (ratios as on the GPU, so the tests cover the same loop bounds)
+_INTERPRETER_TILES = dict(fwd=(32, 16, 4, 1), dkdv=(16, 32, 4, 1), dq=(32, 16, 4, 1))
+
+
+def _attention_tiles(head_dim: int, dtype: torch.dtype, device: torch.device, kind: str) -> tuple:
+    """attention_tiles for the GPU holding `device`'s tensors, or the interpreter's tiles."""
+    limits = gpu_limits(device)
+    if limits is None:
+        return _INTERPRETER_TILES[kind]
+    return attention_tiles(limits.arch, dtype, head_dim, kind, limits.smem_per_block)
 
 
 def _group_splits(group: int, programs: int, device: torch.device) -> int:
     """Over how many programs the dK/dV kernel spreads one GQA group: the smallest divisor of the group that gives
     at least two programs per streaming multiprocessor (a small target in the interpreter, so tests cover it)."""
-    target = 16 if device.type != "cuda" or INTERPRETED else 2 * torch.cuda.get_device_properties(
-        device).multi_processor_count
+    limits = gpu_limits(device)
+    target = 2 * limits.sm_count if limits else 16
     return next((d for d in range(1, group + 1) if group % d == 0 and programs * d >= target), group)
 
 
@@ -394,7 +472,7 @@ class _FlashAttention(torch.autograd.Function):
         group = num_heads // k.shape[1]
         o = torch.empty_like(q)
         lse = torch.empty(num_heads, total, dtype=torch.float32, device=q.device)  # base-2 logsumexp per row
-        block_m, block_n, warps, stages = _attention_tiles(head_dim, q.dtype, q.device)["fwd"]
+        block_m, block_n, warps, stages = _attention_tiles(head_dim, q.dtype, q.device, "fwd")
         grid = (triton.cdiv(max_seqlen, block_m), cu_seqlens.numel() - 1, num_heads)
         _attn_fwd_kernel[grid](
             q, k, v, o, lse, cu_seqlens, sm_scale * math.log2(math.e), total,
@@ -413,7 +491,6 @@ class _FlashAttention(torch.autograd.Function):
         num_kv_heads = k.shape[1]
         do = do if do.stride(-1) == 1 else do.contiguous()
         block_d = max(16, triton.next_power_of_2(head_dim))
-        tiles = _attention_tiles(head_dim, q.dtype, q.device)
         precision = _dot_precision(q.dtype)
         qk_scale = ctx.sm_scale * math.log2(math.e)
         num_segments = cu_seqlens.numel() - 1
@@ -424,7 +501,7 @@ class _FlashAttention(torch.autograd.Function):
             o, do, delta, total, o.stride(0), o.stride(1), do.stride(0), do.stride(1),
             HEAD_DIM=head_dim, BLOCK_T=block_t, BLOCK_D=block_d)
 
-        block_m, block_n, warps, stages = tiles["dkdv"]
+        block_m, block_n, warps, stages = _attention_tiles(head_dim, q.dtype, q.device, "dkdv")
         group = num_heads // num_kv_heads
         programs = triton.cdiv(ctx.max_seqlen, block_n) * num_segments * num_kv_heads
         splits = _group_splits(group, programs, q.device)
@@ -435,16 +512,16 @@ class _FlashAttention(torch.autograd.Function):
             dk_parts = torch.empty(splits, *k.shape, dtype=torch.float32, device=k.device)
             dv_parts = torch.empty_like(dk_parts)
         _attn_bwd_dkdv_kernel[(triton.cdiv(ctx.max_seqlen, block_n), num_segments, num_kv_heads * splits)](
-            q, k, v, do, dk_parts, dv_parts, lse, delta, cu_seqlens, qk_scale, ctx.sm_scale, total,
+            q, k, v, do, dk_parts, dv_parts, lse, delta, cu_seqlens, qk_scale, ctx.sm_scale, total, splits,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1),
             *dk_parts.stride()[:3], *dv_parts.stride()[:3],
-            GROUP=group, SPLITS=splits, HEAD_DIM=head_dim, CAUSAL=ctx.causal, BLOCK_M=block_m, BLOCK_N=block_n,
+            GROUP=group, HEAD_DIM=head_dim, CAUSAL=ctx.causal, BLOCK_M=block_m, BLOCK_N=block_n,
             BLOCK_D=block_d, DOT_PRECISION=precision, num_warps=warps, num_stages=stages)
         if splits > 1:
             dk, dv = dk_parts.sum(0).to(k.dtype), dv_parts.sum(0).to(v.dtype)
 
         dq = torch.empty_like(q)
-        block_m, block_n, warps, stages = tiles["dq"]
+        block_m, block_n, warps, stages = _attention_tiles(head_dim, q.dtype, q.device, "dq")
         _attn_bwd_dq_kernel[(triton.cdiv(ctx.max_seqlen, block_m), num_segments, num_heads)](
             q, k, v, do, dq, lse, delta, cu_seqlens, qk_scale, ctx.sm_scale, total,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1),
@@ -596,15 +673,18 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-@triton.jit
-def _rope_kernel(Q, K, Q_OUT, K_OUT, POS, INV_FREQ, n_tokens,
+# One build serves the forward and the backward (sin_sign ±1 is a plain float) and a decode step's single token
+# (n_tokens and the position stride are not specialised on being 1).
+@triton.jit(do_not_specialize=["n_tokens", "stride_pos_row"])
+def _rope_kernel(Q, K, Q_OUT, K_OUT, POS, INV_FREQ, n_tokens, sin_sign,
                  stride_qt, stride_qh, stride_kt, stride_kh, stride_pos_row, stride_pos_t, section_0, section_1,
                  NUM_Q_HEADS: tl.constexpr, NUM_K_HEADS: tl.constexpr, NUM_POS_ROWS: tl.constexpr,
-                 HEAD_DIM: tl.constexpr, ROTARY_DIM: tl.constexpr, INTERLEAVED: tl.constexpr, INVERSE: tl.constexpr,
+                 HEAD_DIM: tl.constexpr, ROTARY_DIM: tl.constexpr, INTERLEAVED: tl.constexpr,
                  ROUND_TERMS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_P: tl.constexpr):
     """Rotate BLOCK_R rows — (token, head) pairs, all q heads of all tokens first, then all k heads — so q and k
     share one launch. Pair f (of ROTARY_DIM/2) turns by angle pos·inv_freq[f], where pos comes from position row 0
-    for f < section_0, row 1 for f < section_0 + section_1 and row 2 beyond. Dims past ROTARY_DIM are copied."""
+    for f < section_0, row 1 for f < section_0 + section_1 and row 2 beyond. Dims past ROTARY_DIM are copied.
+    sin_sign = -1 rotates back (the backward)."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     n_q_rows = n_tokens * NUM_Q_HEADS
     is_q = rows < n_q_rows
@@ -633,9 +713,7 @@ def _rope_kernel(Q, K, Q_OUT, K_OUT, POS, INV_FREQ, n_tokens,
                    tl.where(f[None, :] < section_0 + section_1, pos_1[:, None], pos_2[:, None]))
     angle = pos.to(tl.float32) * inv_freq[None, :]  # (BLOCK_R, BLOCK_F), the same fp32 product as the reference
     cos = tl.cos(angle)
-    sin = tl.sin(angle)
-    if INVERSE:  # the backward: rotate the gradient back
-        sin = -sin
+    sin = tl.sin(angle) * sin_sign  # exact: the sign is ±1
     out_dtype = Q_OUT.dtype.element_ty
     if ROUND_TERMS:  # the M-RoPE reference works in the activation dtype: cos/sin and each product are rounded
         cos = cos.to(out_dtype).to(tl.float32)
@@ -675,6 +753,17 @@ def _rope_kernel(Q, K, Q_OUT, K_OUT, POS, INV_FREQ, n_tokens,
         tl.store(k_out[:, None] + d[None, :], x, mask=k_mask)
 
 
+def rope_tiles(head_dim: int, rotary_dim: int) -> tuple:
+    """(BLOCK_R rows, BLOCK_F pairs, BLOCK_P pass-through dims, num_warps) of the RoPE kernel, the same on every
+    GPU. About 4 pairs per thread: with 32 (BLOCK_R = 64 and 4 warps, as before) the exact sin/cos took 224-248
+    registers at the 9B's head dim on sm_80/sm_90, i.e. few warps per multiprocessor to hide memory latency; with
+    8, 47-72 and (fp32) a 4-byte spill; with 4, 34-45 (tests/test_aot.py)."""
+    block_f = triton.next_power_of_2(rotary_dim // 2)
+    block_p = triton.next_power_of_2(max(head_dim - rotary_dim, 1))
+    block_r = max(8, min(128, 1024 // max(block_f, block_p)))
+    return block_r, block_f, block_p, 8
+
+
 def _rope_launch(q, k, positions, inv_freq, sections, interleaved, round_terms, inverse):
     """Rotate q (*S, Hq, D) and k (*S, Hkv, D) in one launch; positions (R, n_tokens) with R = 2 or 3 rows."""
     head_dim = q.shape[-1]
@@ -685,19 +774,17 @@ def _rope_launch(q, k, positions, inv_freq, sections, interleaved, round_terms, 
     n_tokens, num_q_heads, num_k_heads = q3.shape[0], q3.shape[1], k3.shape[1]
     q_out, k_out = torch.empty(q3.shape, dtype=q.dtype, device=q.device), torch.empty(k3.shape, dtype=k.dtype,
                                                                                       device=k.device)
-    block_f = triton.next_power_of_2(rotary_dim // 2)
-    block_p = triton.next_power_of_2(max(head_dim - rotary_dim, 1))
-    block_r = max(16, min(128, 4096 // max(block_f, block_p)))
+    block_r, block_f, block_p, warps = rope_tiles(head_dim, rotary_dim)
     n_rows = n_tokens * (num_q_heads + num_k_heads)
     if n_rows:
         _rope_kernel[(triton.cdiv(n_rows, block_r),)](
-            q3, k3, q_out, k_out, positions, inv_freq, n_tokens,
+            q3, k3, q_out, k_out, positions, inv_freq, n_tokens, -1.0 if inverse else 1.0,
             q3.stride(0), q3.stride(1), k3.stride(0), k3.stride(1), positions.stride(0), positions.stride(1),
             sections[0], sections[1],
             NUM_Q_HEADS=num_q_heads, NUM_K_HEADS=num_k_heads, NUM_POS_ROWS=positions.shape[0],
             HEAD_DIM=head_dim, ROTARY_DIM=rotary_dim,
-            INTERLEAVED=interleaved, INVERSE=inverse, ROUND_TERMS=round_terms,
-            BLOCK_R=block_r, BLOCK_F=block_f, BLOCK_P=block_p, num_warps=4)
+            INTERLEAVED=interleaved, ROUND_TERMS=round_terms,
+            BLOCK_R=block_r, BLOCK_F=block_f, BLOCK_P=block_p, num_warps=warps)
     return q_out.view(q.shape), k_out.view(k.shape)
 
 

@@ -257,6 +257,7 @@ def test_whole_model_triton_matches_torch(monkeypatch):
 # ---------------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(DEVICE != "cuda", reason="needs a GPU")
 def test_bf16_kernels_on_gpu():
     q, k, v = randn(300, 8, 128, dtype=torch.bfloat16), randn(300, 2, 128, dtype=torch.bfloat16, seed=1), \
