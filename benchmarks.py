@@ -535,11 +535,11 @@ def read_benchmark(path: str, fmt: str = None, limit: int = None, required: bool
         raise ValueError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     name = os.path.splitext(os.path.basename(path))[0]
     records, skipped = load_records(path)
-    if not records:
-        raise ValueError(f"{path}: no records")
-    fmt = fmt or detect(records[0][1])
+    fmt = fmt or (detect(records[0][1]) if records else None)
     if fmt is None and not required:
         return name, None, [], []
+    if not records:
+        raise ValueError(f"{path}: no records" + (f" ({skipped[0]})" if skipped else ""))
     if fmt is None:
         raise ValueError(f"{path}: cannot tell the benchmark from the fields {sorted(records[0][1])[:12]}; give "
                          f"--format (one of {', '.join(FORMATS)})")
