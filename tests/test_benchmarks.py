@@ -112,6 +112,14 @@ def test_mmmu_places_each_image_at_its_placeholder(tmp_path):
     assert first.question.endswith("Answer with the option's letter from the given choices directly.")
     assert (items[1].task, items[1].answer, items[1].alternatives) == ("math", "3.5", ("3.50",))
     assert len(skipped) == 1 and "not an option letter A-B" in skipped[0]  # answer C of two options
+    _, fmt, items, _ = read(tmp_path, "mmmu_pro.jsonl", [  # MMMU-Pro: standard (no question_type), vision
+        {"id": "test_Art_1", "question": "Which? <image 1>", "options": ["p", "q", "r"], "answer": "C",
+         "image_1": one, "subject": "Art"},
+        {"id": "test_Art_2", "image": two, "options": "['p', 'q']", "answer": "A", "subject": "Art"}])
+    assert fmt == "mmmu" and items[0].question == ("Which? <image 1>\nA. p\nB. q\nC. r\nAnswer with the option "
+                                                   "letter from the given choices directly.")
+    assert items[1].question.startswith("Answer with the option letter") and items[1].images[0].endswith("two.png")
+    assert [(it.answer, it.category) for it in items] == [("C", "Art"), ("A", "Art")]
 
 
 def test_mathvista_choice_text_becomes_its_letter_and_the_hint_wording(tmp_path):
@@ -176,6 +184,9 @@ def test_ocrbench_chartqa_and_countbench_answers(tmp_path):
                                                             {"imgname": "c.png", "query": "Who?", "label": "Inspired"}])
     assert [(it.task, it.answer) for it in items] == [("chart", "1.5"), (SHORT_ANSWER, "Inspired")]
     assert items[0].images[0].endswith("png/c.png")  # the original layout: the charts in png/ beside the file
+    _, _, items, _ = read(tmp_path, "chartqa_hf.jsonl", [{"image": name, "query": "Max?", "label": ["2,000", "2000"],
+                                                          "human_or_machine": 1}])
+    assert (items[0].answer, items[0].alternatives, items[0].category) == ("2,000", ("2000",), "augmented")
     _, fmt, items, _ = read(tmp_path, "countbenchqa.json", [{"image": name, "question": "How many?", "number": 4,
                                                              "text": "four dogs"}])
     assert fmt == "countbench" and (items[0].task, items[0].answer) == ("counting", "4")
