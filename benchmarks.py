@@ -432,32 +432,18 @@ FORMATS = {
 }  # format name -> reader
 
 
+SIGNATURES = (  # (format, the fields that tell it), tried in order: the first whose fields a record has wins
+    ("jsonl", {"messages"}), ("mathvista", {"answer_type", "question_type"}), ("muirbench", {"image_list", "options"}),
+    ("mmmu", {"options", "answer"}), ("mmstar", {"A", "B", "answer"}), ("mmstar", {"l2_category"}),
+    ("chartqa", {"query", "label"}), ("ocrbench", {"answers"}), ("ocrbench", {"dataset", "question_type"}),
+    ("screenspot", {"instruction", "bbox"}), ("refcoco", {"bbox"}), ("charades", {"caption", "timestamp"}),
+    ("countbench", {"number", "question"}))
+
+
 def detect(obj) -> str:
     """The format of a record, from its fields; None when no reader knows them."""
     keys = set(obj) if isinstance(obj, dict) else set()
-    if "messages" in keys:
-        return "jsonl"
-    if {"answer_type", "question_type"} <= keys:
-        return "mathvista"
-    if {"image_list", "options"} <= keys:
-        return "muirbench"
-    if {"options", "answer"} <= keys:
-        return "mmmu"
-    if {"A", "B", "answer"} <= keys or "l2_category" in keys:
-        return "mmstar"
-    if {"query", "label"} <= keys:
-        return "chartqa"
-    if "answers" in keys or {"dataset", "question_type"} <= keys:
-        return "ocrbench"
-    if {"instruction", "bbox"} <= keys:
-        return "screenspot"
-    if "bbox" in keys:
-        return "refcoco"
-    if {"caption", "timestamp"} <= keys:
-        return "charades"
-    if {"number", "question"} <= keys:
-        return "countbench"
-    return None
+    return next((fmt for fmt, fields in SIGNATURES if fields <= keys), None)
 
 
 # ---------------------------------------------------------------------------------------------------------------

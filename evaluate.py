@@ -47,6 +47,11 @@ def parse_levels(text) -> list:
     return levels
 
 
+def synthetic_tasks(text) -> list:
+    """'math,ocr' → ['math', 'ocr']; empty → every domain of the synthetic world, in the verifier table's order."""
+    return [t for t in (text or "").split(",") if t] or [t for t in rewards.VERIFIERS if t in world.TASKS]
+
+
 def heldout_items(tasks, n: int, seed: int, levels=world.LEVELS) -> list:
     """n held-out items of every domain, the levels in turn: item i of a domain is at levels[i % len(levels)]."""
     levels = list(levels)
@@ -141,7 +146,7 @@ def evaluate_checkpoint(args) -> dict:
     and every reply with its score in eval_replies.jsonl)."""
     rank, _, device = pretrain.setup_distributed()
     model, tokenizer = load_for_inference(args.checkpoint, device)
-    tasks = [t for t in (args.tasks or "").split(",") if t] or [t for t in rewards.VERIFIERS if t in world.TASKS]
+    tasks = synthetic_tasks(args.tasks)
     levels = parse_levels(args.levels)
     records = run(model, tokenizer, heldout_items(tasks, args.n, args.seed, levels), args.max_new_tokens,
                   args.think_budget, args.batch_size, args.temperature, args.seed, progress=True)
@@ -174,9 +179,7 @@ def read_benches(args) -> list:
     benches = []
     for spec in [s for s in args.bench.split(",") if s]:
         if spec == "synthetic":
-            tasks = [t for t in (args.tasks or "").split(",") if t] or [t for t in rewards.VERIFIERS
-                                                                        if t in world.TASKS]
-            items = heldout_items(tasks, args.synthetic_n, args.seed, parse_levels(args.levels))
+            items = heldout_items(synthetic_tasks(args.tasks), args.synthetic_n, args.seed, parse_levels(args.levels))
             benches.append(dict(name="synthetic", format="synthetic", file=None, items=items, skipped=[]))
             continue
         for path in benchmarks.bench_files(spec):
@@ -256,7 +259,8 @@ def summarize(bench: dict, records) -> dict:
             "skipped_examples": skipped[:5],
             "categories": {c: mean_score([r for r in scored if r["category"] == c])
                            for c in sorted({r["category"] for r in scored})},
-            "tasks": {t: mean_score([r for r in scored if r["task"] == t]) for t in sorted({r["task"] for r in scored})}}
+            "tasks": {t: mean_score([r for r in scored if r["task"] == t])
+                      for t in sorted({r["task"] for r in scored})}}
 
 
 def bench_table(result: dict) -> str:

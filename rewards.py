@@ -850,9 +850,10 @@ def score(task, response, answer, lenient=False):
     """Reward of one reply: a float in [0, 1]. Never raises on any response or answer.
 
     task: a key of VERIFIERS, built in or added by add_verifier (anything else is a programming error and raises
-    ValueError, so that a typo cannot silently zero the rewards of a whole run). response: the decoded reply with special tokens kept as strings. answer: the
-    ground truth as the dataset stores it (string, or the equivalent number/list/dict). lenient=True adds the
-    deliberately hackable verifier of paper §5 (see `lenient_score`); only for reproducing the collapse.
+    ValueError, so that a typo cannot silently zero the rewards of a whole run). response: the decoded reply with
+    special tokens kept as strings. answer: the ground truth as the dataset stores it (string, or the equivalent
+    number/list/dict). lenient=True adds the deliberately hackable verifier of paper §5 (see `lenient_score`); only
+    for reproducing the collapse.
     """
     if not isinstance(task, str) or task not in VERIFIERS:
         raise ValueError(f"rewards.score: unknown task {task!r}; expected one of {', '.join(VERIFIERS)}")

@@ -172,8 +172,8 @@ def test_charades_lines_and_float16_timestamps(tmp_path):
 def test_ocrbench_chartqa_and_countbench_answers(tmp_path):
     name = png(tmp_path / "o.png")
     _, _, items, _ = read(tmp_path, "OCRBench.json", [
-        {"dataset_name": "docVQA", "id": 1, "image_path": name, "question": "Total?", "answers": ["Twelve", "12 apples"],
-         "type": "Doc-oriented VQA"},
+        {"dataset_name": "docVQA", "id": 1, "image_path": name, "question": "Total?",
+         "answers": ["Twelve", "12 apples"], "type": "Doc-oriented VQA"},
         {"dataset_name": "IIIT5K", "id": 2, "image_path": name, "question": "what is written?", "answers": "CENTRE",
          "type": "Regular Text Recognition"}])
     assert [(it.task, it.answer, it.alternatives) for it in items] == [(SHORT_ANSWER, "Twelve", ("12 apples",)),
