@@ -1,21 +1,26 @@
-"""Evaluation of GLM-4.1V-Thinking checkpoints: held-out accuracy per domain, comparisons of runs, training charts.
+"""Evaluation of GLM-4.1V-Thinking checkpoints: held-out accuracy per domain, public benchmarks, comparisons of runs,
+training charts.
 
     python evaluate.py runs/sft --n 200                     # held-out greedy accuracy per domain → runs/sft/eval.json
+    python evaluate.py runs/sft --bench mathvista.jsonl     # a benchmark file → table, results.json, replies.jsonl
     python evaluate.py --compare runs/sft,runs/rlcs --out docs/rl_helps   # their records as a table + charts
     python evaluate.py --plot runs/rlcs                     # reward.png, tiers.png, tier_pass.png of an RL run
 
-The core is one pipeline — items in → batched generation → verifier → records out: `run` takes any items that
-know their task, ground truth and prompt (the synthetic world's held-out items here), generates the replies in
-batches with `sample.generate_replies` (greedy, force answering at the thinking budget), scores each with
-`rewards.score`, and returns one record per item; `accuracy` turns records into the mean score per task. Under
-torchrun the items are split over the ranks and the records gathered. `rlcs.py --eval-every` calls the same `run`
-during training. Charts are drawn with PIL: no plotting library.
+The core is one pipeline — items in → batched generation → verifier → records out: `run` takes evaluation items
+(benchmarks.EvalItem: task, ground truth, conversation; the synthetic world's held-out items or the records of a
+benchmark file that benchmarks.py reads), generates the replies in batches with `sample.generate_replies`
+(greedy, force answering at the thinking budget), scores each with `rewards.score`, and returns one record per
+item; `accuracy` turns records into the mean score per task. Under torchrun the items are split over the ranks and
+the records gathered after every batch, which --bench appends to replies.jsonl: a killed run resumes where it
+stopped. `rlcs.py --eval-every` calls the same `run` during training. Charts are drawn with PIL: no plotting
+library.
 """
 import argparse
 import json
 import math
 import os
 import sys
+import time
 import warnings
 
 import numpy as np
@@ -23,6 +28,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
+import benchmarks
 import pretrain
 import rewards
 import sample
@@ -41,37 +47,84 @@ def parse_levels(text) -> list:
     return levels
 
 
+def synthetic_tasks(text) -> list:
+    """'math,ocr' → ['math', 'ocr']; empty → every domain of the synthetic world, in the verifier table's order."""
+    return [t for t in (text or "").split(",") if t] or [t for t in rewards.VERIFIERS if t in world.TASKS]
+
+
 def heldout_items(tasks, n: int, seed: int, levels=world.LEVELS) -> list:
     """n held-out items of every domain, the levels in turn: item i of a domain is at levels[i % len(levels)]."""
     levels = list(levels)
-    return [world.make_item(task, i, seed, "heldout", levels[i % len(levels)]) for task in tasks for i in range(n)]
+    return [benchmarks.synthetic_item(world.make_item(task, i, seed, "heldout", levels[i % len(levels)]))
+            for task in tasks for i in range(n)]
+
+
+def score_batch(model, tokenizer, batch, max_new_tokens: int, think_budget: int, temperature: float, generator):
+    """(records, generated tokens) of a batch of items; an item whose prompt cannot be made (a missing or
+    unreadable image) gets a record with its "error" and score None instead of a reply."""
+    prompts, errors = [], []
+    for it in batch:
+        try:
+            prompts.append(it.prompt(tokenizer))
+            errors.append(None)
+        except (OSError, ValueError) as e:
+            errors.append(str(e))
+    replies = iter(sample.generate_replies(model, prompts, 1, max_new_tokens, think_budget, tokenizer.force_answer_ids,
+                                           temperature=temperature, generator=generator) if prompts else [])
+    records, tokens = [], 0
+    for it, error in zip(batch, errors):
+        record = {"key": it.key, "benchmark": it.benchmark, "category": it.category, "task": it.task,
+                  "index": it.index, "level": it.level, "question": it.question, "answer": it.answer}
+        record.update({"alternatives": list(it.alternatives)} if it.alternatives else {})
+        if error is not None:
+            records.append({**record, "reply": None, "score": None, "error": error})
+            continue
+        reply = next(replies)
+        text, tokens = tokenizer.decode(reply), tokens + len(reply)
+        records.append({**record, "reply": text, "score": max(rewards.score(it.task, text, answer)
+                                                               for answer in (it.answer, *it.alternatives))})
+    return records, tokens
 
 
 @torch.no_grad()
 def run(model, tokenizer, items, max_new_tokens: int, think_budget: int, batch_size: int = 64,
-        temperature: float = 0.0, seed: int = 0, progress: bool = False) -> list:
-    """One record {task, index, level, question, answer, reply, score} per item, in item order, on every rank
-    (under torchrun each rank generates every world-th item). temperature 0 is greedy; above 0 one reply is sampled
-    per item with noise seeded by (seed, batch, rank)."""
+        temperature: float = 0.0, seed: int = 0, progress: bool = False, done=None, on_records=None) -> list:
+    """One record {key, benchmark, category, task, index, level, question, answer, reply, score} per item
+    (benchmarks.EvalItem), in item order, on every rank; see score_batch for items that cannot be rendered.
+    Items whose key is in `done` (key -> record) are not generated again: their records are returned as they are.
+    Under torchrun each rank generates every world-th remaining item, and after every batch the records of all
+    ranks are gathered and handed to on_records on rank 0 (a results file appends them: a killed run loses one
+    batch at most). temperature 0 is greedy; above 0 one reply is sampled per item with noise seeded by (seed,
+    batch, rank)."""
     rank, world_size = pretrain.rank_world()
-    mine = list(range(rank, len(items), world_size))
+    done = done or {}
+    todo = [k for k, it in enumerate(items) if it.key not in done]
+    mine = todo[rank::world_size]
+    steps = math.ceil(math.ceil(len(todo) / world_size) / batch_size)  # every rank gathers as often
     device = model.lm_head.weight.device
-    records = []
-    for start in tqdm(range(0, len(mine), batch_size), disable=not progress or rank != 0, desc="eval", unit="batch"):
-        batch = [items[k] for k in mine[start:start + batch_size]]
-        replies = sample.generate_replies(model, [it.prompt(tokenizer) for it in batch], 1, max_new_tokens,
-                                          think_budget, tokenizer.force_answer_ids, temperature=temperature,
-                                          generator=sample.noise_generator(device, seed, start, rank, 2))
-        for k, it, reply in zip(mine[start:start + batch_size], batch, replies):
-            text = tokenizer.decode(reply)
-            records.append((k, {"task": it.task, "index": it.index, "level": it.level, "question": it.question,
-                                "answer": it.answer, "reply": text, "score": rewards.score(it.task, text, it.answer)}))
-    return [r for _, r in sorted(r for part in pretrain.gather_objects(records) for r in part)]
+    new, tokens, began = {}, 0, time.perf_counter()
+    bar = tqdm(total=len(todo), disable=not progress or rank != 0, desc="eval", unit="item")
+    for step in range(steps):
+        start = step * batch_size
+        batch = mine[start:start + batch_size]
+        records, n = score_batch(model, tokenizer, [items[k] for k in batch], max_new_tokens, think_budget,
+                                 temperature, sample.noise_generator(device, seed, start, rank, 2))
+        parts = pretrain.gather_objects((list(zip(batch, records)), n))
+        gathered = [kr for part, _ in parts for kr in part]
+        new.update(gathered)
+        tokens += sum(n for _, n in parts)
+        if on_records is not None and rank == 0:
+            on_records([r for _, r in sorted(gathered, key=lambda kr: kr[0])])
+        bar.update(len(gathered))
+        bar.set_postfix_str(f"{tokens / (time.perf_counter() - began):.0f} tok/s", refresh=False)
+    bar.close()
+    return [new[k] if k in new else done[it.key] for k, it in enumerate(items)]
 
 
 def accuracy(records, tasks) -> dict:
-    """{task: mean score, "mean": the mean over tasks} (a task without records scores 0)."""
-    scores = {task: [r["score"] for r in records if r["task"] == task] for task in tasks}
+    """{task: mean score, "mean": the mean over tasks} (a task without records scores 0; records without a
+    score — items that could not be rendered — do not count)."""
+    scores = {task: [r["score"] for r in records if r["task"] == task and r["score"] is not None] for task in tasks}
     result = {task: float(np.mean(s)) if s else 0.0 for task, s in scores.items()}
     return {**result, "mean": float(np.mean(list(result.values())))}
 
@@ -93,7 +146,7 @@ def evaluate_checkpoint(args) -> dict:
     and every reply with its score in eval_replies.jsonl)."""
     rank, _, device = pretrain.setup_distributed()
     model, tokenizer = load_for_inference(args.checkpoint, device, args.quantize)
-    tasks = [t for t in (args.tasks or "").split(",") if t] or [t for t in rewards.VERIFIERS if t in world.TASKS]
+    tasks = synthetic_tasks(args.tasks)
     levels = parse_levels(args.levels)
     records = run(model, tokenizer, heldout_items(tasks, args.n, args.seed, levels), args.max_new_tokens,
                   args.think_budget, args.batch_size, args.temperature, args.seed, progress=True)
@@ -108,6 +161,165 @@ def evaluate_checkpoint(args) -> dict:
                                   "".join(json.dumps(r) + "\n" for r in records))
         except OSError as e:
             warnings.warn(f"could not write the evaluation into {args.checkpoint}: {e}")
+    pretrain.teardown_distributed()
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# --bench: public benchmark files (benchmarks.py) and the synthetic world, resumable
+# ---------------------------------------------------------------------------------------------------------------
+
+# GLM-V's trans_infer_bench.py: the answer is forced after 8,192 thinking tokens, then up to 8,192 more follow
+GLMV_BENCH = dict(think_budget=8192, max_new_tokens=16384)
+
+
+def read_benches(args) -> list:
+    """[{name, format, file, items, skipped}] of --bench: comma-separated benchmark files, folders of them, or
+    `synthetic` (the held-out world: --tasks, --levels and --n items per domain)."""
+    benches = []
+    for spec in [s for s in args.bench.split(",") if s]:
+        if spec == "synthetic":
+            items = heldout_items(synthetic_tasks(args.tasks), args.synthetic_n, args.seed, parse_levels(args.levels))
+            benches.append(dict(name="synthetic", format="synthetic", file=None, items=items, skipped=[]))
+            continue
+        for path in benchmarks.bench_files(spec):
+            name, fmt, items, skipped = benchmarks.read_benchmark(path, args.format, args.n,
+                                                                   required=not os.path.isdir(spec))
+            if fmt is None:
+                warnings.warn(f"{path}: not a benchmark file these readers know; skipped")
+                continue
+            benches.append(dict(name=name, format=fmt, file=path, items=items, skipped=skipped))
+    names = [b["name"] for b in benches]
+    if len(set(names)) != len(names):
+        raise ValueError(f"--bench: two benchmarks with the same name in {names}; rename one file")
+    if not any(b["items"] for b in benches):
+        raise ValueError(f"--bench {args.bench}: no items to evaluate")
+    return benches
+
+
+def load_replies(path: str) -> dict:
+    """key -> record of the replies.jsonl an earlier (perhaps killed) run wrote. A torn last line — the kill came
+    mid-write — is dropped with a warning and cut from the file, so that appending continues cleanly."""
+    if not os.path.exists(path):
+        return {}
+    with open(path, "rb") as f:
+        raw = f.read()
+    end = raw.rfind(b"\n") + 1
+    if end < len(raw):
+        warnings.warn(f"{path}: dropping a torn last line ({len(raw) - end} bytes) that a killed run left")
+        with open(path, "r+b") as f:
+            f.truncate(end)
+    done = {}
+    for lineno, line in enumerate(raw[:end].decode("utf-8").splitlines(), 1):
+        if line.strip():
+            try:
+                record = json.loads(line)
+                done[record["key"]] = record
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise ValueError(f"{path}:{lineno}: not a reply record ({e!r})") from e
+    return done
+
+
+def check_settings(out: str, settings: dict):
+    """settings.json of a results folder: written by its first run; a rerun with other settings is refused (its
+    replies would not be comparable with those already there)."""
+    path = os.path.join(out, "settings.json")
+    if not os.path.exists(path):
+        pretrain.write_atomic(path, json.dumps(settings, indent=1) + "\n")
+        return
+    with open(path) as f:
+        before = json.load(f)
+    changed = {k: (before.get(k), v) for k, v in settings.items() if before.get(k) != v}
+    if changed:
+        raise ValueError(f"{out} holds an evaluation with other settings (before, now: {changed}); rerun with "
+                         "those, or give another --out")
+
+
+def append_records(f, records):
+    """Append the scored records to replies.jsonl and flush them to disk; records without a score (an image that
+    could not be read) are not kept, so a rerun tries them again."""
+    for r in records:
+        if r["score"] is not None:
+            f.write(json.dumps(r) + "\n")
+    f.flush()
+    os.fsync(f.fileno())
+
+
+def mean_score(records) -> dict:
+    return {"items": len(records), "score": float(np.mean([r["score"] for r in records])) if records else None}
+
+
+def summarize(bench: dict, records) -> dict:
+    """One benchmark's entry of results.json: its mean score, per category and per verifier task, and what was
+    skipped (records a reader could not use, items whose images could not be read) with a few examples."""
+    scored = [r for r in records if r["score"] is not None]
+    skipped = bench["skipped"] + [f"{r['key']}: {r['error']}" for r in records if r["score"] is None]
+    skipped = [why if len(why) <= 200 else why[:197] + "..." for why in skipped]
+    return {"file": bench["file"], "format": bench["format"], **mean_score(scored), "skipped": len(skipped),
+            "skipped_examples": skipped[:5],
+            "categories": {c: mean_score([r for r in scored if r["category"] == c])
+                           for c in sorted({r["category"] for r in scored})},
+            "tasks": {t: mean_score([r for r in scored if r["task"] == t])
+                      for t in sorted({r["task"] for r in scored})}}
+
+
+def bench_table(result: dict) -> str:
+    """Markdown: each benchmark's score, then its categories; then the score of each verifier task overall."""
+    def pct(entry):
+        return "-" if entry["score"] is None else f"{100 * entry['score']:.1f}"
+
+    lines = ["| benchmark | category | items | score (%) |", "|---|---|---|---|"]
+    for name, b in result["benchmarks"].items():
+        lines.append(f"| **{name}** | all | {b['items']} | **{pct(b)}** |")
+        if len(b["categories"]) > 1:
+            lines += [f"| | {c} | {e['items']} | {pct(e)} |" for c, e in b["categories"].items()]
+    lines += ["", "| verifier | items | score (%) |", "|---|---|---|"]
+    lines += [f"| {t} | {e['items']} | {pct(e)} |" for t, e in result["tasks"].items()]
+    for name, b in result["benchmarks"].items():
+        if b["skipped"]:
+            lines.append(f"\n{name}: {b['skipped']} skipped (unreadable records or images), e.g. "
+                         + "; ".join(b["skipped_examples"][:2]))
+    return "\n".join(lines)
+
+
+def bench_out(args) -> str:
+    """--out, or CHECKPOINT/bench_<the --bench names>."""
+    names = [os.path.splitext(os.path.basename(os.path.normpath(s)))[0] for s in args.bench.split(",") if s]
+    return args.out or os.path.join(args.checkpoint, "bench_" + "+".join(names))
+
+
+def evaluate_bench(args) -> dict:
+    """Scores on benchmark files: a table printed, results.json and every reply with its score in replies.jsonl
+    (in --out). A rerun with the same --out resumes: the items already in replies.jsonl are not generated again."""
+    rank, _, device = pretrain.setup_distributed()
+    benches, out = read_benches(args), bench_out(args)
+    settings = {"checkpoint": os.path.realpath(args.checkpoint), "max_new_tokens": args.max_new_tokens,
+                "think_budget": args.think_budget, "temperature": args.temperature, "seed": args.seed}
+    replies, done = os.path.join(out, "replies.jsonl"), None
+    if rank == 0:
+        os.makedirs(out, exist_ok=True)
+        check_settings(out, settings)
+        done = load_replies(replies)
+    done = pretrain.gather_objects(done)[0]  # rank 0's, on every rank
+    model, tokenizer = load_for_inference(args.checkpoint, device)
+    items = [it for b in benches for it in b["items"]]
+    log = open(replies, "a", encoding="utf-8") if rank == 0 else None
+    try:
+        records = run(model, tokenizer, items, args.max_new_tokens, args.think_budget, args.batch_size,
+                      args.temperature, args.seed, progress=True, done=done,
+                      on_records=(lambda rs: append_records(log, rs)) if log else None)
+    finally:
+        if log is not None:
+            log.close()
+    result = {"checkpoint": args.checkpoint, "settings": settings,
+              "benchmarks": {b["name"]: summarize(b, [r for r in records if r["benchmark"] == b["name"]])
+                             for b in benches},
+              "tasks": {t: mean_score([r for r in records if r["task"] == t and r["score"] is not None])
+                        for t in sorted({r["task"] for r in records})}}
+    if rank == 0:
+        print(bench_table(result))
+        pretrain.write_atomic(os.path.join(out, "results.json"), json.dumps(result, indent=1) + "\n")
+        print(f"results: {os.path.join(out, 'results.json')}; replies: {replies}")
     pretrain.teardown_distributed()
     return result
 
@@ -379,35 +591,47 @@ def compare(runs, out: str, levels=world.LEVELS, temperature: float = 0.0) -> st
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", nargs="?", help="the checkpoint directory to evaluate")
+    p.add_argument("--bench", help="benchmark files to evaluate on: a file, a folder of them, `synthetic` (the "
+                   "held-out world), or several, comma-separated; formats: " + ", ".join(benchmarks.FORMATS))
+    p.add_argument("--format", help="--bench: read every file in this format instead of detecting it from the fields")
+    p.add_argument("--verifier", help="comma-separated NAME=module:function: add the task NAME, scored by your "
+                   "function fn(box content, ground truth as text) -> [0, 1] (rewards.add_verifier)")
     p.add_argument("--compare", help="comma-separated run directories: print their held-out table and draw "
                    "heldout.png and training curves into --out")
     p.add_argument("--plot", help="draw reward.png, tiers.png and tier_pass.png from DIR/metrics.jsonl of an RL run")
-    p.add_argument("--out", default="runs/compare", help="--compare: where the table and charts go")
+    p.add_argument("--out", help="--compare: where the table and charts go (default: runs/compare); --bench: the "
+                   "results folder, which a rerun resumes (default: CHECKPOINT/bench_NAME)")
     p.add_argument("--preset", default="tiny", help="whose RL settings give the defaults of --n, --max-new-tokens and "
                    "--think-budget (tiny | 9b)")
     p.add_argument("--tasks", help="comma-separated domains (default: all eight)")
     p.add_argument("--levels", help="comma-separated levels 1–5 of the held-out items (default: all, in turn)")
     p.add_argument("--n", "--num-items", dest="n", type=int, help="held-out items per domain (default: the preset's "
-                   "rlcs.py --eval-n); under torchrun write --num-items, which its own flags do not shadow")
+                   "rlcs.py --eval-n); --bench: the first N items of each file (default: all); under torchrun "
+                   "write --num-items, which its own flags do not shadow")
     p.add_argument("--seed", type=int, default=0, help="seed of the held-out items and of sampling")
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy; above 0: the mean reward of one reply "
                    "sampled at this temperature per item (the quantity RL optimises)")
     p.add_argument("--max-new-tokens", type=int, help="the length limit of a reply (default: per preset)")
     p.add_argument("--think-budget", type=int, help="force answering after this many reply tokens without </think> "
-                   "(default: per preset; 0: never)")
+                   "(default: per preset; --bench with the 9b preset: 8192 of 16384, as GLM-V; 0: never)")
     p.add_argument("--batch-size", type=int, default=64, help="prompts per generate() call")
     sample.add_quantize_flag(p)
     return p
 
 
 def fill_defaults(args):
-    """--n, --max-new-tokens and --think-budget default to what RL on the preset uses for --eval-every."""
+    """--n, --max-new-tokens and --think-budget default to what RL on the preset uses for --eval-every; with
+    --bench, the 9B's to GLM-V's benchmark settings and --n to every item of a file (`synthetic`: --eval-n)."""
     import rlcs  # imported here: rlcs.py imports this file
 
     rc = rlcs.resolve(rlcs.RLConfig(preset=args.preset))
-    for key, value in (("n", rc.eval_n), ("max_new_tokens", rc.max_new_tokens), ("think_budget", rc.think_budget)):
+    defaults = {"max_new_tokens": rc.max_new_tokens, "think_budget": rc.think_budget}
+    defaults.update(GLMV_BENCH if args.bench and args.preset == "9b" else {})
+    for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    args.synthetic_n = args.n or rc.eval_n
+    args.n = args.n if args.bench else args.synthetic_n
 
 
 def main(argv=None):
@@ -415,17 +639,22 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if sum(bool(x) for x in (args.checkpoint, args.compare, args.plot)) != 1:
         parser.error("give one of: a CHECKPOINT to evaluate, --compare A,B or --plot DIR")
+    if args.bench and not args.checkpoint:
+        parser.error("--bench needs the CHECKPOINT to evaluate")
     if args.batch_size < 1 or args.temperature < 0 or not math.isfinite(args.temperature):
         parser.error("--batch-size must be at least 1, --temperature a finite number >= 0")
     try:
+        rewards.add_verifiers(args.verifier)
         fill_defaults(args)
-        if args.n < 1:
+        if args.n is not None and args.n < 1:
             raise ValueError(f"--n must be at least 1, got {args.n}")
         if args.plot:
             print("\n".join(plot(args.plot)))
         elif args.compare:
-            print(compare([r for r in args.compare.split(",") if r], args.out, parse_levels(args.levels),
-                          args.temperature))
+            print(compare([r for r in args.compare.split(",") if r], args.out or "runs/compare",
+                          parse_levels(args.levels), args.temperature))
+        elif args.bench:
+            evaluate_bench(args)
         else:
             evaluate_checkpoint(args)
     except (OSError, ValueError) as e:  # missing or unwritable files, bad flags or data: one line, no traceback

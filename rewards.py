@@ -1895,7 +1895,52 @@ VERIFIERS = {
     "physics": (verify_units, _quantity_truth),
     "chemistry": (verify_units, _quantity_truth),
     "multi_image": (verify_multi_image, _multi_image_truth),
-}  # task -> (verifier, reader of the ground truth)
+}  # task -> (verifier, reader of the ground truth); add_verifier adds users' tasks beside these
+BUILTIN_TASKS = tuple(VERIFIERS)
+
+
+def _truth_as_text(answer_text):
+    return answer_text  # a user verifier reads its ground truth itself
+
+
+def _bounded(fn):
+    """A user verifier whose result is a float clamped to [0, 1] (NaN: 0); raising or returning no number is left
+    to score(), which scores 0 with a warning."""
+    def verify(pred, truth):
+        value = float(fn(pred, truth))
+        return min(max(value, 0.0), 1.0) if math.isfinite(value) else 0.0
+    return verify
+
+
+def add_verifier(task, fn):
+    """Add the task `task`, scored by a user function fn(box_content: str, answer: str) -> float in [0, 1].
+
+    box_content is what the built-in verifiers get too: the box of a reply that passed the strict format check
+    (`extract_answer`; a malformed reply scores 0 without calling fn), at most MAX_BOX_CHARS long. answer is the
+    ground truth as text: a string as the dataset stores it, lists, dicts and numbers as JSON. Built-in tasks cannot
+    be replaced; adding the same name again replaces the earlier user function."""
+    if not isinstance(task, str) or not re.fullmatch(r"[A-Za-z0-9_.-]+", task):
+        raise ValueError(f"a verifier's task name is letters, digits, '_', '.' or '-', got {task!r}")
+    if task in BUILTIN_TASKS:
+        raise ValueError(f"{task} is a built-in verifier; give your verifier another task name")
+    if not callable(fn):
+        raise ValueError(f"the verifier of {task} is not callable: {fn!r:.80}")
+    VERIFIERS[task] = (_bounded(fn), _truth_as_text)
+
+
+def add_verifiers(specs):
+    """--verifier NAME=module:function[,NAME=module:function…] of rlcs.py and evaluate.py: add_verifier for each
+    (the module is imported from the current directory or sys.path). Returns the task names added."""
+    added = []
+    for spec in (s.strip() for s in (specs or "").split(",")):
+        if not spec:
+            continue
+        task, sep, target = spec.partition("=")
+        if not sep or ":" not in target:
+            raise ValueError(f"--verifier expects NAME=module:function, got {spec!r}")
+        add_verifier(task.strip(), data.import_callable(target.strip()))
+        added.append(task.strip())
+    return added
 
 
 def _answer_text(answer):
@@ -1938,10 +1983,11 @@ def truth_problem(task, answer):
 def score(task, response, answer, lenient=False):
     """Reward of one reply: a float in [0, 1]. Never raises on any response or answer.
 
-    task: a key of VERIFIERS (anything else is a programming error and raises ValueError, so that a typo cannot silently
-    zero the rewards of a whole run). response: the decoded reply with special tokens kept as strings. answer: the
-    ground truth as the dataset stores it (string, or the equivalent number/list/dict). lenient=True adds the
-    deliberately hackable verifier of paper §5 (see `lenient_score`); only for reproducing the collapse.
+    task: a key of VERIFIERS, built in or added by add_verifier (anything else is a programming error and raises
+    ValueError, so that a typo cannot silently zero the rewards of a whole run). response: the decoded reply with
+    special tokens kept as strings. answer: the ground truth as the dataset stores it (string, or the equivalent
+    number/list/dict). lenient=True adds the deliberately hackable verifier of paper §5 (see `lenient_score`); only
+    for reproducing the collapse.
     """
     if not isinstance(task, str) or task not in VERIFIERS:
         raise ValueError(f"rewards.score: unknown task {task!r}; expected one of {', '.join(VERIFIERS)}")
@@ -1955,7 +2001,7 @@ def score(task, response, answer, lenient=False):
         if lenient and value < 1.0:
             value = max(value, lenient_score(task, response, answer))
         return value
-    except Exception as e:  # a safety net for bugs in this file: RL must not die on one reply (tests fuzz this)
+    except Exception as e:  # a safety net for bugs here or in a user's verifier: RL must not die on one reply
         warnings.warn(f"rewards: {task} verifier failed with {e!r}; scoring 0")
         return 0.0
 

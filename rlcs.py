@@ -84,6 +84,8 @@ class RLConfig(pretrain.RunConfig):
     item_ema: float = _f(0.5, "EMA decay of each item's online pass rate")
     curriculum_floor: float = _f(0.05, "the smallest weight 4p(1−p) is raised to (solved and hopeless items)")
     # verifiers and evaluation
+    verifier: str = _f(None, "comma-separated NAME=module:function: add the task NAME (for --data prompts), scored by "
+                       "your function fn(box content, ground truth as text) -> [0, 1] (rewards.add_verifier)")
     lenient_verifier: str = _f(None, "comma-separated domains scored with the hackable lenient verifier during "
                                "training only (paper §5's collapse experiment); evaluation is always strict")
     eval_every: int = _f(0, "held-out greedy evaluation every N iterations into metrics.jsonl (0: off)")
@@ -114,10 +116,13 @@ def resolve(rc: RLConfig) -> RLConfig:
         raise ValueError(f"--length-norm must be sample or budget, not {rc.length_norm!r}")
     if rc.curriculum not in ("rlcs", "uniform"):
         raise ValueError(f"--curriculum must be rlcs or uniform, not {rc.curriculum!r}")
+    rewards.add_verifiers(rc.verifier)
     for name in task_list(rc.tasks) + task_list(rc.lenient_verifier):
         if name not in rewards.VERIFIERS:
             raise ValueError(f"unknown domain {name!r} in --tasks/--lenient-verifier; domains: "
-                             f"{', '.join(rewards.VERIFIERS)}")
+                             f"{', '.join(rewards.VERIFIERS)} (--verifier NAME=module:function adds one)")
+        if not rc.data and name not in world.TASKS:
+            raise ValueError(f"the synthetic world has no domain {name!r}: its prompts come from --data")
     if rc.groups_per_step < 1 or rc.updates_per_batch < 1:
         raise ValueError(f"--groups-per-step and --updates-per-batch must be at least 1, got {rc.groups_per_step} "
                          f"and {rc.updates_per_batch}")
@@ -321,7 +326,8 @@ def pool_record(obj, root: str) -> PoolItem:
         raise ValueError("an RL prompt needs 'messages'")
     task, level = obj.get("task"), obj.get("level", 3)
     if task not in rewards.VERIFIERS:
-        raise ValueError(f"'task' must be one of {', '.join(rewards.VERIFIERS)}, got {task!r}")
+        raise ValueError(f"'task' must be one of {', '.join(rewards.VERIFIERS)}, got {task!r} "
+                         "(--verifier NAME=module:function adds one)")
     if "answer" not in obj:
         raise ValueError("'answer' (the ground truth the verifier checks) is missing")
     if level not in world.LEVELS:

@@ -123,3 +123,23 @@ def rl_run(sft_checkpoint, tmp_path_factory):
     finally:
         torch.set_num_threads(threads)
     return grades, out, printed.getvalue()
+
+
+USER_VERIFIER = '''
+def parity(box, answer):
+    """1 when the boxed number has the parity of the truth (answer: the ground truth as text)."""
+    return float(int(box) % 2 == int(answer) % 2)
+'''
+
+
+@pytest.fixture
+def user_module(tmp_path, monkeypatch):
+    """A user's verifier module on sys.path; returns its --verifier flag value. What a test adds to
+    rewards.VERIFIERS is gone after it."""
+    import rewards
+
+    (tmp_path / "myverifiers.py").write_text(USER_VERIFIER)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(rewards, "VERIFIERS", dict(rewards.VERIFIERS))
+    rewards.parse_truth.cache_clear()
+    return "parity=myverifiers:parity"

@@ -612,6 +612,29 @@ def test_fuzzed_math_answers_read_consistently():
 
 # ------------------------------------------------------------------------------------------------ CLI
 
+def test_user_verifiers_get_the_box_and_the_truth_as_text(user_module):
+    seen = []
+    rewards.add_verifier("echo", lambda box, answer: seen.append((box, answer)) or 0.5)
+    assert rewards.score("echo", reply(" [1, 2] "), [1, 2]) == 0.5 and seen == [(" [1, 2] ", "[1, 2]")]
+    assert rewards.score("echo", "no format", "x") == 0.0 and len(seen) == 1  # a malformed reply: fn not called
+    for value, expected in ((7, 1.0), (-1, 0.0), (float("nan"), 0.0)):  # clamped to [0, 1]
+        rewards.add_verifier("echo", lambda box, answer, v=value: v)  # the same name again replaces it
+        assert rewards.score("echo", reply("a"), "b") == expected
+    rewards.add_verifier("echo", lambda box, answer: 1 / 0)
+    with pytest.warns(UserWarning, match="echo verifier failed with ZeroDivisionError"):
+        assert rewards.score("echo", reply("a"), "b") == 0.0
+    assert rewards.add_verifiers(f"{user_module}, odd=myverifiers:parity") == ["parity", "odd"]
+    assert rewards.score("odd", reply("5"), "1") == 1.0 and rewards.score("odd", reply("4"), "1") == 0.0
+    with pytest.raises(ValueError, match="math is a built-in verifier"):
+        rewards.add_verifier("math", len)
+    with pytest.raises(ValueError, match="expects NAME=module:function, got 'parity'"):
+        rewards.add_verifiers("parity")
+    with pytest.raises(ValueError, match="cannot load myverifiers:nothing"):
+        rewards.add_verifiers("x=myverifiers:nothing")
+    with pytest.raises(ValueError, match="unknown task 'nope'; expected one of math, .*, echo, parity, odd"):
+        rewards.score("nope", reply("1"), "1")
+
+
 def test_cli_shows_extraction_parse_and_score(capsys):
     rewards.main(["--task", "math", "--answer", "0.5", reply(r"\frac{1}{2}")])
     out = capsys.readouterr().out

@@ -374,6 +374,25 @@ def test_jsonl_prompts(tmp_path):
         rlcs.jsonl_pool(str(tmp_path / "bad.jsonl"))
 
 
+def test_a_user_verifier_adds_a_domain_for_jsonl_prompts(tmp_path, user_module):
+    path = world.export_world(tmp_path, tasks=("counting",), n=2, kind="sft", split="train")
+    lines = [dict(json.loads(line), task="parity") for line in open(path)]
+    (tmp_path / "parity.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    data_flags = ["--data", str(tmp_path / "parity.jsonl"), "--tasks", "parity"]
+    with pytest.raises(ValueError, match="unknown domain 'parity'.*--verifier NAME=module:function adds one"):
+        rlcs.config_from_args(rlcs.build_parser().parse_args(data_flags))
+    with pytest.raises(ValueError, match="parity.jsonl:1: 'task' must be one of math, .* got 'parity'"):
+        rlcs.jsonl_pool(str(tmp_path / "parity.jsonl"))
+    rc = rlcs.config_from_args(rlcs.build_parser().parse_args([*data_flags, "--verifier", user_module]))
+    pool = rlcs.build_pool(rc)
+    assert [p.task for p in pool] == ["parity"] * 2 and rc.verifier == user_module
+    tok = data.tiny_tokenizer()
+    right, wrong = (tok.encode(data.format_reply(str(int(pool[0].answer) + k))) for k in (2, 1))
+    assert rlcs.score_replies(tok, pool[:1], [right, wrong], 2) == [1.0, 0.0]
+    with pytest.raises(ValueError, match="the synthetic world has no domain 'parity'"):
+        rlcs.config_from_args(rlcs.build_parser().parse_args(["--tasks", "parity", "--verifier", user_module]))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The loop: RL improves a tiny policy; resume; two processes; the commands
 # ---------------------------------------------------------------------------------------------------------------
