@@ -1,7 +1,7 @@
 """Benchmarks: every speed or memory claim of this repository, each a ratio against a peer measured in the same run.
 
     python bench.py                 # CPU suite (a few minutes on 2 cores)
-    python bench.py --gpu           # the GPU suite (needs CUDA)
+    python bench.py --gpu           # the GPU suite (needs CUDA), ending with the `pytest -m gpu` checks as rows
     python bench.py --only vision   # one section (vision, kernels, train, sample, quantize, rlcs, data, rewards)
 
 The peer is usually the reference implementation in `transformers` (a test-only dependency, imported lazily here
@@ -17,7 +17,9 @@ import random
 import resource
 import subprocess
 import sys
+import tempfile
 import time
+import xml.etree.ElementTree as ET
 
 import numpy as np
 import torch
@@ -826,13 +828,61 @@ def reward_rows(n: int = 4000, seed: int = 0) -> list:
 def bench_rewards(args) -> list:
     return reward_rows()
 
+# ---------------------------------------------------------------------------------------------------------------
+# The GPU checks (bench.py --gpu): `pytest -m gpu` — bf16 numerics of each kernel and of the whole model against
+# the torch path, CUDA-graph decoding, packed ViT attention, a 2-GPU FSDP2 step — as rows of the same table
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def bench_gpu_checks(args) -> list:
+    with tempfile.TemporaryDirectory() as tmp:
+        report, junit = os.path.join(tmp, "errors.jsonl"), os.path.join(tmp, "junit.xml")
+        env = {**os.environ, "GLM4V_GPU_REPORT": report}
+        env.pop("TRITON_INTERPRET", None)  # the compiled kernels
+        start = time.perf_counter()
+        result = subprocess.run([sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider",
+                                 f"--junitxml={junit}", "tests"], cwd=ROOT, env=env, capture_output=True, text=True)
+        seconds = time.perf_counter() - start
+        comparisons = []
+        if os.path.exists(report):
+            with open(report) as f:
+                comparisons = [json.loads(line) for line in f]
+        cases = ET.parse(junit).getroot().iter("testcase") if os.path.exists(junit) else []
+        outcomes = []
+        for case in cases:
+            name = f"{case.get('classname', '').split('.')[-1]}::{case.get('name')}"
+            problem = next(iter(case), None)  # <failure>, <error> or <skipped>, if any
+            state = "passed" if problem is None else {"skipped": "skipped"}.get(problem.tag, "FAILED")
+            detail = "" if problem is None else (problem.get("message") or "").splitlines()[0][:80]
+            outcomes.append((name, state, detail, float(case.get("time", 0))))
+
+    rows = []
+    for c in comparisons:
+        ratio = c["ours"] / c["peer"] if c["peer"] else float("inf")
+        rows.append(row(f"bf16 {c['what']} ({c['test'].split('::')[-1]})", f"{c['ours']:.2e} max error vs fp32",
+                        f"{c['peer']:.2e} (torch path in bf16)",
+                        f"{ratio:.2f}x error (goal: <= {c['factor']}x + {c['floor']:g})", "relative error",
+                        ours_error=c["ours"], peer_error=c["peer"], error_ratio=ratio))
+    for name, state, detail, secs in outcomes:
+        rows.append(row(f"pytest -m gpu: {name}", f"{state} in {secs:.1f} s", detail, None, "s",
+                        passed=state == "passed", seconds=secs))
+    failed = sum(state == "FAILED" for _, state, _, _ in outcomes)
+    rows.append(row("pytest -m gpu (the GPU checks)",
+                    f"{len(outcomes) - failed}/{len(outcomes)} passed or skipped, {seconds:.0f} s",
+                    "budget with the rest of bench.py --gpu: 480 s", f"{seconds / 480:.2f} of it", "s",
+                    seconds=seconds, returncode=result.returncode))
+    if result.returncode not in (0, 5):  # 5: nothing collected
+        print(result.stdout[-4000:], file=sys.stderr)
+    return rows
+
 
 # ---------------------------------------------------------------------------------------------------------------
 # Entry point
 # ---------------------------------------------------------------------------------------------------------------
 
 SECTIONS = {"vision": bench_vision, "kernels": bench_kernels, "train": bench_train, "sample": bench_sample,
-            "quantize": bench_quantize, "rlcs": bench_rlcs, "data": bench_data, "rewards": bench_rewards}
+            "quantize": bench_quantize, "rlcs": bench_rlcs, "data": bench_data, "rewards": bench_rewards,
+            "gpucheck": bench_gpu_checks}
 COLUMNS = ("name", "ours", "peer", "ratio", "units")
 
 
@@ -869,7 +919,7 @@ def main(argv=None):
         print(json.dumps(case(impl, args.device, args.vision_depth if section == "vision" else args.train_depth,
                               args.repeats)))
         return
-    sections = [s for s in args.only.split(",") if s] or list(SECTIONS)
+    sections = [s for s in args.only.split(",") if s] or [s for s in SECTIONS if s != "gpucheck" or args.gpu]
     unknown = [s for s in sections if s not in SECTIONS]
     if unknown:
         parser.error(f"unknown section {unknown[0]!r}; choose from {', '.join(SECTIONS)}")
