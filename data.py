@@ -361,7 +361,11 @@ class Tokenizer:
     format writes `[gMASK]<sop>` itself); `decode(ids, skip_special_tokens=False)` keeps special tokens as strings,
     so rewards can see `<|begin_of_box|>`. Attributes: vocab_size, special (string -> id for REQUIRED_TOKENS), the
     TOKEN_ID_FIELDS ids under the names a model config uses (image_token_id, image_start_token_id, ...),
-    eos_token_ids (model.END_OF_TURN), pad_token_id and force_answer_ids (the ids of FORCE_ANSWER)."""
+    eos_token_ids (model.END_OF_TURN), pad_token_id and force_answer_ids (the ids of FORCE_ANSWER).
+
+    parse_special_tokens (False by default) says how special-token strings typed in message text are encoded: as
+    plain text, so that a user who writes `<|user|>` or `<think>` cannot inject control tokens, or — for trusted
+    data — as the control tokens they name (what `transformers`' template does)."""
 
     def __init__(self, backend, source: str = "<in memory>"):
         missing = [s for s in REQUIRED_TOKENS if backend.token_to_id(s) is None]
@@ -375,13 +379,21 @@ class Tokenizer:
         self.eos_token_ids = tuple(self.special[s] for s in M.END_OF_TURN)
         self.pad_token_id = self.eos_token_ids[0]
         self.force_answer_ids = self.encode(FORCE_ANSWER)
+        self.parse_special_tokens = False
+        specials = [t.content for t in backend.get_added_tokens_decoder().values() if t.special]
+        self.special_pattern = re.compile("|".join(map(re.escape, sorted(specials, key=len, reverse=True))))
 
     def encode(self, text: str) -> list:
         return self.backend.encode(text, add_special_tokens=False).ids
 
-    def encode_with_offsets(self, text: str):
-        """(ids, offsets): offsets[i] = (start, end) character span of token i in `text`."""
-        enc = self.backend.encode(text, add_special_tokens=False)
+    def encode_with_offsets(self, text: str, plain: bool = False):
+        """(ids, offsets): offsets[i] = (start, end) character span of token i in `text`. plain=True encodes
+        special-token strings as the text they are."""
+        self.backend.encode_special_tokens = plain
+        try:
+            enc = self.backend.encode(text, add_special_tokens=False)
+        finally:
+            self.backend.encode_special_tokens = False
         return enc.ids, enc.offsets
 
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
@@ -610,18 +622,56 @@ def _video_text(grid, timestamps) -> str:
     return "<|begin_of_video|>" + "".join(_image_text(per_pair) + str(int(s)) for s in stamps) + "<|end_of_video|>"
 
 
+def _control_spans(pieces, tokenizer: Tokenizer) -> list:
+    """(start, end) of every control token in the joined text of pieces [(text, in_loss) or (text, in_loss, kind)]:
+    in the template's own pieces every special token; in message text (kind "text") none, and in an assistant
+    reply (kind "reply") its format tags only — unless tokenizer.parse_special_tokens trusts the data."""
+    spans, at = [], 0
+    for text, _, *kind in pieces:
+        kind = kind[0] if kind and not tokenizer.parse_special_tokens else "control"
+        pattern = {"control": tokenizer.special_pattern, "reply": _REPLY_TAG}.get(kind)
+        if pattern is not None:
+            spans += [(at + m.start(), at + m.end()) for m in pattern.finditer(text)]
+        at += len(text)
+    return spans
+
+
+def _check_trusted_text(pieces):
+    """Trusted data parses special tokens in message text, so a vision placeholder typed there would take an
+    image's slot: such a sample is bad data (skipped and counted by the packer)."""
+    for text, _, *kind in pieces:
+        if kind:
+            for token in TOKEN_ID_FIELDS.values():
+                if token in text:
+                    raise BadData("vision_token_in_text", f"the message text holds {token!r}, a vision placeholder "
+                                                          "(with --parse-special-tokens it would take an image's place)")
+
+
 def _tokenize_pieces(pieces, tokenizer: Tokenizer):
-    """pieces [(text, in_loss)] -> (input_ids (T,) long, loss_mask (T,) bool, text). The whole text is tokenized at
-    once (as the reference does); a token is in the loss when its first character is."""
-    text = "".join(p for p, _ in pieces)
+    """pieces [(text, in_loss) or (text, in_loss, kind)] -> (input_ids (T,) long, loss_mask (T,) bool, text). The
+    control tokens (_control_spans) become their ids and the text between them is tokenized with special tokens as
+    plain text — what tokenizing the whole text at once gives when the messages hold no special-token strings (the
+    tokenizer splits at special tokens first). A token is in the loss when its first character is."""
+    if tokenizer.parse_special_tokens:
+        _check_trusted_text(pieces)
+    text = "".join(p[0] for p in pieces)
     char_loss = np.zeros(len(text) + 1, dtype=bool)
     at = 0
-    for piece, in_loss in pieces:
+    for piece, in_loss, *_ in pieces:
         char_loss[at:at + len(piece)] = in_loss
         at += len(piece)
-    ids, offsets = tokenizer.encode_with_offsets(text)
-    starts = np.array([o[0] for o in offsets], dtype=np.int64)
-    return (torch.tensor(ids, dtype=torch.long), torch.from_numpy(char_loss[starts].copy()), text)
+    ids, starts, at = [], [], 0
+    for start, end in _control_spans(pieces, tokenizer) + [(len(text), len(text))]:
+        if start > at:
+            run_ids, offsets = tokenizer.encode_with_offsets(text[at:start], plain=True)
+            ids += run_ids
+            starts += [at + o[0] for o in offsets]
+        if end > start:
+            ids.append(tokenizer.token_to_id(text[start:end]))
+            starts.append(start)
+        at = end
+    return (torch.tensor(ids, dtype=torch.long), torch.from_numpy(char_loss[np.array(starts, dtype=np.int64)].copy()),
+            text)
 
 
 def _user_pieces(k: int, content, image_tokens, videos, used: dict) -> list:
@@ -641,7 +691,7 @@ def _user_pieces(k: int, content, image_tokens, videos, used: dict) -> list:
             pieces.append((_image_text(image_tokens[used["images"]]), False))
             used["images"] += 1
         elif item.get("type") == "text":
-            pieces.append((str(item.get("text", "")), False))
+            pieces.append((str(item.get("text", "")), False, "text"))
         else:
             raise ValueError(f"message {k}: unknown content item type {item.get('type')!r}")
     return pieces
@@ -665,23 +715,23 @@ def _chat_pieces(messages, image_tokens, videos, thinking: bool, add_generation_
         if role == "system":
             if not isinstance(content, str):
                 raise ValueError(f"message {k}: system content must be a string")
-            pieces.append(("<|system|>\n" + content, False))
+            pieces += [("<|system|>\n", False), (content, False, "text")]
         elif role == "user":
             pieces += [("<|user|>", learned), ("\n", False)] + _user_pieces(k, content, image_tokens, videos, used)
             learned = False
         elif role == "assistant":
             if not isinstance(content, str):
                 raise ValueError(f"message {k}: assistant content must be a string")
-            pieces.append((f"<|assistant|>{msg.get('metadata') or ''}\n", False))
+            pieces += [("<|assistant|>", False), (msg.get("metadata") or "", False, "text"), ("\n", False)]
             if k < last_user:  # an earlier reply, as the released client keeps it; learned only if that is all of it
                 shown = history_reply(content)
                 learned = shown == content
-                pieces.append((shown, learned))
+                pieces.append((shown, learned, "reply"))
             elif thinking:
-                pieces.append((content, True))
+                pieces.append((content, True, "reply"))
                 learned = True
             else:  # no-think: an empty think block is part of the prompt, the answer is learned
-                pieces += [("<think></think>", False), (split_reply(content)[1], True)]
+                pieces += [("<think></think>", False), (split_reply(content)[1], True, "reply")]
                 learned = True
         else:
             raise ValueError(f"message {k}: unknown role {role!r} (system, user or assistant)")
@@ -754,7 +804,7 @@ def render_chat(messages, tokenizer: Tokenizer, images=(), videos=(), thinking: 
 
 def _caption_pieces(text: str, image_tokens, videos):
     vision = "".join(_image_text(n) for n in image_tokens) + "".join(_video_text(*v) for v in videos)
-    return [("[gMASK]<sop>" + vision, False), (text + "<|endoftext|>", True)]
+    return [("[gMASK]<sop>" + vision, False), (text, True, "text"), ("<|endoftext|>", True)]
 
 
 def render_caption(text: str, tokenizer: Tokenizer, image=None, video=None, *, min_pixels: int = IMAGE_MIN_PIXELS,

@@ -76,6 +76,9 @@ class RunConfig:
     data: str = _f(None, "JSONL file of records (conversations, caption pairs or RL prompts); default: the "
                          "synthetic world")
     tasks: str = _f(None, "synthetic world: comma-separated domains (default: all of the stage's)")
+    parse_special_tokens: bool = _f(False, "trusted data: special-token strings typed in message text are the "
+                                           "control tokens they name, as transformers' template reads them "
+                                           "(default: plain text, so text cannot inject control tokens)")
     levels: str = _f(None, "synthetic world: comma-separated difficulty levels 1-5 (default: all)")
     # the optimizer
     lr: float = _f(None, "peak learning rate (default: per preset and stage)")
@@ -300,6 +303,7 @@ def initial_state(run: RunConfig, rank: int):
         if not os.path.exists(tokenizer_path):
             raise FileNotFoundError(f"{tokenizer_path} is missing: a checkpoint directory must carry its tokenizer")
         tokenizer = data.load_tokenizer(tokenizer_path)
+        tokenizer.parse_special_tokens = run.parse_special_tokens
         state = M.GLM4V.from_pretrained(run.init_from, dtype=torch.float32).state_dict() if rank == 0 else {}
         return cfg, state, tokenizer
     cfg = preset_config(run)
@@ -307,6 +311,7 @@ def initial_state(run: RunConfig, rank: int):
         raise ValueError(f"training the {run.preset} preset from scratch needs its tokenizer: pass --init-from DIR "
                          "(a checkpoint directory with tokenizer.json, e.g. the released GLM-4.1V-9B-Thinking)")
     tokenizer = data.tiny_tokenizer()
+    tokenizer.parse_special_tokens = run.parse_special_tokens
     if rank != 0:
         return cfg, {}, tokenizer
     torch.manual_seed(run.seed)

@@ -468,6 +468,8 @@ def parse_args(argv=None):
     p.add_argument("--video", action="append", default=[],
                    help="a video for the prompt: mp4 (needs PyAV), animated GIF or a folder of frames (repeatable)")
     p.add_argument("--no-think", action="store_true", help="answer without reasoning (prefills <think></think>)")
+    p.add_argument("--parse-special-tokens", action="store_true", help="read special-token strings typed in the "
+                   "prompt (<|user|>, <think>, ...) as the control tokens they name (default: as plain text)")
     p.add_argument("--max-new-tokens", type=int, default=2048, help="the longest reply, in tokens")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: keep the most likely tokens up to "
@@ -518,6 +520,7 @@ def main(argv=None, stdin=sys.stdin, out=sys.stdout):
             if not os.path.exists(path):
                 raise FileNotFoundError(f"file not found: {path}")
         model, tokenizer = load(args.checkpoint, device, dtype, args.quantize)
+        tokenizer.parse_special_tokens = args.parse_special_tokens
         chat = Chat(model, tokenizer, args, out)
         if args.prompt is None:
             interactive(chat, args.image, args.video, stdin)
