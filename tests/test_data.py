@@ -15,6 +15,7 @@ from PIL import Image
 
 import data as D
 import model as M
+import quality as Q
 import world as W
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -752,7 +753,7 @@ def test_quality_filter_counts_every_drop(tmp_path, monkeypatch):
     lines.append({"image": "ok3.png", "text": "x"})  # too short a text (not a duplicate: text is checked first)
     src = write_jsonl(tmp_path / "in.jsonl", lines)
     out, rejects = tmp_path / "out.jsonl", tmp_path / "rejects.jsonl"
-    summary = D.quality_filter(src, out, scorer=colour_scorer, max_image_pixels=30_000, rejects=str(rejects),
+    summary = Q.quality_filter(src, out, scorer=colour_scorer, max_image_pixels=30_000, rejects=str(rejects),
                                recaption=shout, progress=False)
     reasons = ("exact_duplicate", "near_duplicate", "too_small", "aspect_ratio", "solid_color", "low_relevance",
                "unreadable", "truncated", "decompression_bomb", "missing_file", "bad_json", "bad_record",
@@ -770,12 +771,12 @@ def test_concept_balancing_thins_head_concepts_only(tmp_path):
         textured((120, 120, 120), seed=100 + i).save(tmp_path / f"{i}.png")
         lines.append({"image": f"{i}.png", "text": "a cat" if i < 56 else f"a rare okapi {i}"})
     src = write_jsonl(tmp_path / "in.jsonl", lines)
-    summary = D.quality_filter(src, tmp_path / "out.jsonl", balance_t=5, concepts=["cat", "okapi"], progress=False)
+    summary = Q.quality_filter(src, tmp_path / "out.jsonl", balance_t=5, concepts=["cat", "okapi"], progress=False)
     kept = [json.loads(line)["text"] for line in (tmp_path / "out.jsonl").read_text().splitlines()]
     assert sum("okapi" in t for t in kept) == 4  # the long tail (below t) stays whole
     assert 1 <= sum(t == "a cat" for t in kept) <= 15  # the head is cut to about t = 5
     assert summary["dropped"]["resampled_out"] == 60 - len(kept)
-    again = D.quality_filter(src, tmp_path / "out2.jsonl", balance_t=5, concepts=["cat", "okapi"], progress=False)
+    again = Q.quality_filter(src, tmp_path / "out2.jsonl", balance_t=5, concepts=["cat", "okapi"], progress=False)
     assert again == summary and (tmp_path / "out2.jsonl").read_text() == (tmp_path / "out.jsonl").read_text()
 
 
@@ -784,18 +785,18 @@ def test_filter_cli_with_plugged_scorer(tmp_path, capsys, monkeypatch):
     textured((30, 30, 200), 2).save(tmp_path / "b.png")
     src = write_jsonl(tmp_path / "in.jsonl", [{"image": "a.png", "text": "red"}, {"image": "b.png", "text": "red"}])
     monkeypatch.syspath_prepend(os.path.dirname(__file__))
-    summary = D.main(["filter", str(src), str(tmp_path / "out.jsonl"), "--scorer", "test_data:colour_scorer"])
+    summary = Q.main([str(src), str(tmp_path / "out.jsonl"), "--scorer", "test_data:colour_scorer"])
     assert summary["kept"] == 1 and summary["dropped"] == {"low_relevance": 1}
     assert "low_relevance" in capsys.readouterr().out
     with pytest.raises(ValueError, match="cannot load"):
-        D.main(["filter", str(src), str(tmp_path / "o.jsonl"), "--scorer", "no_such_module:f"])
+        Q.main([str(src), str(tmp_path / "o.jsonl"), "--scorer", "no_such_module:f"])
 
 
 def test_phash_near_duplicate_index():
-    a = D.phash(textured((200, 30, 30), 7))
-    b = D.phash(textured((200, 30, 30), 7).resize((80, 80)))
-    c = D.phash(textured((200, 30, 30), 8))
+    a = Q.phash(textured((200, 30, 30), 7))
+    b = Q.phash(textured((200, 30, 30), 7).resize((80, 80)))
+    c = Q.phash(textured((200, 30, 30), 8))
     assert bin(a ^ b).count("1") <= 4 < bin(a ^ c).count("1")
-    index = D.NearDuplicateIndex(4)
+    index = Q.NearDuplicateIndex(4)
     index.add(a)
     assert index.find(b) == a and index.find(c) is None
