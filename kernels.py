@@ -178,17 +178,23 @@ def _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs
 
 
 @triton.jit
-def _attn_fwd_kernel(Q, K, V, O, LSE, CU_SEQLENS, qk_scale, total,
-                     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
-                     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
-                     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """One program = one block of BLOCK_M queries of one segment and one query head."""
+def _query_block_inner(CU_SEQLENS, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr):
+    """The segment, query head, segment start and length, and first query of this program's block of queries."""
     # causal: the last query blocks see the most keys, so schedule them first (less idle tail)
     block_m = tl.num_programs(0) - 1 - tl.program_id(0) if CAUSAL else tl.program_id(0)
     segment, head = tl.program_id(1), tl.program_id(2)
     seq_start = tl.load(CU_SEQLENS + segment).to(tl.int64)
     seq_len = (tl.load(CU_SEQLENS + segment + 1) - seq_start).to(tl.int32)
-    start_m = block_m * BLOCK_M
+    return segment, head, seq_start, seq_len, block_m * BLOCK_M
+
+
+@triton.jit
+def _attn_fwd_kernel(Q, K, V, O, LSE, CU_SEQLENS, qk_scale, total,
+                     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
+                     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """One program = one block of BLOCK_M queries of one segment and one query head."""
+    segment, head, seq_start, seq_len, start_m = _query_block_inner(CU_SEQLENS, CAUSAL, BLOCK_M)
     if start_m >= seq_len:  # the grid is sized for the longest segment
         return
     kv_head = head // GROUP
@@ -354,11 +360,7 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, CU_SEQLENS, qk_scale, sm_sc
                         GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
                         BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """One program = one block of BLOCK_M queries of one segment and one query head."""
-    block_m = tl.num_programs(0) - 1 - tl.program_id(0) if CAUSAL else tl.program_id(0)
-    segment, head = tl.program_id(1), tl.program_id(2)
-    seq_start = tl.load(CU_SEQLENS + segment).to(tl.int64)
-    seq_len = (tl.load(CU_SEQLENS + segment + 1) - seq_start).to(tl.int32)
-    start_m = block_m * BLOCK_M
+    segment, head, seq_start, seq_len, start_m = _query_block_inner(CU_SEQLENS, CAUSAL, BLOCK_M)
     if start_m >= seq_len:
         return
     kv_head = head // GROUP

@@ -143,3 +143,56 @@ def user_module(tmp_path, monkeypatch):
     monkeypatch.setattr(rewards, "VERIFIERS", dict(rewards.VERIFIERS))
     rewards.parse_truth.cache_clear()
     return "parity=myverifiers:parity"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The verifiers' tests (test_rewards.py, test_verifier_holes.py)
+# ---------------------------------------------------------------------------------------------------------------
+
+def cpu_seconds(fn):
+    """Best of three CPU times of fn(), with the verifier caches emptied so that every run does the full work."""
+    import time
+
+    import rewards
+
+    best = float("inf")
+    for _ in range(3):
+        rewards.math_readings.cache_clear()
+        rewards.parse_truth.cache_clear()
+        start = time.process_time()
+        fn()
+        best = min(best, time.process_time() - start)
+    return best
+
+
+@pytest.fixture
+def verifier_safety_net():
+    """The catch-all in rewards.score() hides bugs from RL; in the tests it must never fire."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=r"rewards: .* verifier failed")
+        yield
+
+
+@pytest.fixture
+def no_code_runs(monkeypatch):
+    """eval, exec and SymPy's parsers refuse to run while the test scores model text; afterwards none was called."""
+    import builtins
+
+    import sympy
+    import sympy.parsing.sympy_parser
+
+    called = []
+
+    def trap(name):
+        def refuse(*args, **kwargs):
+            called.append(name)
+            raise AssertionError(f"{name} called on model text")
+        return refuse
+
+    for owner, name in ((builtins, "eval"), (builtins, "exec"), (sympy, "sympify"),
+                        (sympy.parsing.sympy_parser, "parse_expr")):
+        monkeypatch.setattr(owner, name, trap(name))
+    yield
+    assert not called

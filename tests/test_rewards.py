@@ -2,7 +2,6 @@
 input (each within 50 ms of CPU time, no injected code runs) and a seeded fuzzer that score never raises."""
 
 import ast
-import builtins
 import functools
 import json
 import math
@@ -10,7 +9,6 @@ import os
 import random
 import subprocess
 import sys
-import time
 import warnings
 from fractions import Fraction
 
@@ -18,6 +16,7 @@ import pytest
 
 import data
 import rewards
+from conftest import cpu_seconds
 
 
 def reply(box, think="Let me think.", answer_prefix="", answer_suffix=""):
@@ -25,24 +24,7 @@ def reply(box, think="Let me think.", answer_prefix="", answer_suffix=""):
             f"{answer_suffix}</answer>")
 
 
-def cpu_seconds(fn):
-    """Best of three CPU times of fn(), with the verifier caches emptied so that every run does the full work."""
-    best = float("inf")
-    for _ in range(3):
-        rewards.math_readings.cache_clear()
-        rewards.parse_truth.cache_clear()
-        start = time.process_time()
-        fn()
-        best = min(best, time.process_time() - start)
-    return best
-
-
-@pytest.fixture(autouse=True)
-def safety_net_is_an_error():
-    """The catch-all in score() hides bugs from RL; in the tests it must never fire."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("error", message=r"rewards: .* verifier failed")
-        yield
+pytestmark = pytest.mark.usefixtures("verifier_safety_net")  # score()'s catch-all must never fire here
 
 
 # ------------------------------------------------------------------------------------------------ format
@@ -502,22 +484,7 @@ INJECTIONS = [
 ]
 
 
-def test_injected_code_never_runs(tmp_path, monkeypatch):
-    import sympy
-    import sympy.parsing.sympy_parser
-
-    called = []
-
-    def trap(name):
-        def refuse(*args, **kwargs):
-            called.append(name)
-            raise AssertionError(f"{name} called on model text")
-        return refuse
-
-    monkeypatch.setattr(builtins, "eval", trap("eval"))
-    monkeypatch.setattr(builtins, "exec", trap("exec"))
-    monkeypatch.setattr(sympy, "sympify", trap("sympify"))
-    monkeypatch.setattr(sympy.parsing.sympy_parser, "parse_expr", trap("parse_expr"))
+def test_injected_code_never_runs(tmp_path, no_code_runs):
     sentinel = tmp_path / "pwned"
     for payload in INJECTIONS:
         text = payload.replace("{sentinel}", str(sentinel))
@@ -536,7 +503,6 @@ def test_injected_code_never_runs(tmp_path, monkeypatch):
                     assert rewards.score(task, text, truth) == 0.0
                     # in the thinking, a payload is just text: the reply scores as if it were not there
                     assert rewards.score(task, reply("1", think=text), truth) == rewards.score(task, reply("1"), truth)
-    assert not called
     assert not sentinel.exists()
 
 

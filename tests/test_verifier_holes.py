@@ -4,42 +4,25 @@ pay and cases that must not (several per kind, our own hostile cases); then the 
 and multi_image verifiers, GLM-4.1V's GUI action formats, and the same guarantees as tests/test_rewards.py for all of
 it: every score within 50 ms of CPU time, no injected code runs, score never raises."""
 
-import builtins
 import functools
 import json
 import math
 import random
-import time
 import warnings
 from fractions import Fraction
 
 import pytest
 
+import data
 import rewards
+from conftest import cpu_seconds
 
 
 def reply(box):
-    return f"<think>Let me think.</think><answer><|begin_of_box|>{box}<|end_of_box|></answer>"
+    return data.format_reply(box, "Let me think.")
 
 
-def cpu_seconds(fn):
-    """Best of three CPU times of fn(), with the verifier caches emptied so that every run does the full work."""
-    best = float("inf")
-    for _ in range(3):
-        rewards.math_readings.cache_clear()
-        rewards.parse_truth.cache_clear()
-        start = time.process_time()
-        fn()
-        best = min(best, time.process_time() - start)
-    return best
-
-
-@pytest.fixture(autouse=True)
-def safety_net_is_an_error():
-    """The catch-all in score() hides bugs from RL; in the tests it must never fire."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("error", message=r"rewards: .* verifier failed")
-        yield
+pytestmark = pytest.mark.usefixtures("verifier_safety_net")  # score()'s catch-all must never fire here
 
 
 def pays(task, pred, truth):
@@ -547,20 +530,7 @@ def test_hostile_input_to_the_new_code_is_fast(case):
     assert 0.0 <= result[0] <= 1.0
 
 
-def test_injected_code_never_runs_in_the_new_verifiers(tmp_path, monkeypatch):
-    import sympy
-
-    called = []
-
-    def trap(name):
-        def refuse(*args, **kwargs):
-            called.append(name)
-            raise AssertionError(f"{name} called on model text")
-        return refuse
-
-    monkeypatch.setattr(builtins, "eval", trap("eval"))
-    monkeypatch.setattr(builtins, "exec", trap("exec"))
-    monkeypatch.setattr(sympy, "sympify", trap("sympify"))
+def test_injected_code_never_runs_in_the_new_verifiers(tmp_path, no_code_runs):
     sentinel = tmp_path / "pwned"
     payloads = [f"__import__('os').system('touch {sentinel}')", f"exec(\"open('{sentinel}', 'w')\")",
                 f"left_click(start_box=__import__('os').system('touch {sentinel}'))",
@@ -573,5 +543,4 @@ def test_injected_code_never_runs_in_the_new_verifiers(tmp_path, monkeypatch):
             for task in NEW_TRUTHS:
                 for truth in NEW_TRUTHS[task][:2] + [payload]:
                     assert 0.0 <= pays(task, payload, truth) <= 1.0
-    assert not called
     assert not sentinel.exists()
