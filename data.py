@@ -789,6 +789,27 @@ def parse_record(obj, root: str = ".") -> dict:
     return {"messages": messages, "images": images, "videos": videos, "thinking": bool(obj.get("thinking", True))}
 
 
+def read_jsonl(path: str, parse, what: str = "data"):
+    """(usable, dropped, lines) of a JSONL file whose bad lines are skipped and counted (RL prompts, preference
+    pairs): usable [(lineno, line, parse(obj))]; dropped ["file:line: why"] for each line that is not JSON or that
+    parse refuses (ValueError, TypeError, FileNotFoundError); lines, the count of non-empty lines."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{what} file not found: {path}")
+    usable, dropped, lines = [], [], 0
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            lines += 1
+            try:
+                usable.append((lineno, line, parse(json.loads(line))))
+            except json.JSONDecodeError as e:
+                dropped.append(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})")
+            except (ValueError, TypeError, FileNotFoundError) as e:
+                dropped.append(f"{path}:{lineno}: {e}")
+    return usable, dropped, lines
+
+
 class JsonlSource:
     """Samples from a JSONL file, one JSON object per line:
     - a conversation {"messages": [{"role": "system"|"user"|"assistant", "content": ...}], "images": [path…],

@@ -806,6 +806,16 @@ class SaveSchedule:
         return (f"stopped by {signal.Signals(self.signal).name} after step {step}; checkpoint "
                 f"{latest_checkpoint(out)} saved — continue with --resume")
 
+    def save_if_due(self, reason, ok: bool, save, step: int, out: str):
+        """save() when `reason` (from due) asks for it: at the end and on a signal always, otherwise only after a
+        step whose update was not skipped as non-finite; on a signal the job then stops (SystemExit)."""
+        if reason in ("signal", "end") or (reason and ok):
+            save()
+            self.saved()
+        if reason == "signal":
+            teardown_distributed()
+            raise SystemExit(self.stop_message(step, out))
+
 
 def autocast_for(device, world: int):
     """bf16 autocast on a single GPU; under FSDP the MixedPrecisionPolicy casts instead, and a CPU trains in fp32."""

@@ -9,9 +9,9 @@ rewards.py when rlcs.py runs with --reward-model.
 
 The model: GLM4V whose decoder's final hidden state at the last token goes through a scalar head `score`
 (Linear(hidden, 1) in fp32, named like the heads of transformers' *ForSequenceClassification), trained with the
-Bradley–Terry loss −log σ(r_chosen − r_rejected) on preference pairs. It reads the answer part of a reply, the way a
-no-think reply renders: the prompt, `<think></think>`, the text after `</think>`, `<|endoftext|>` — the thinking is
-not judged, only what the policy answers, and the score is always read at the same token.
+Bradley–Terry loss −log σ(r_chosen − r_rejected) on preference pairs. It reads the answer part of a reply, the way
+a no-think reply renders: the prompt, `<think></think>`, the text after `</think>`, `<|endoftext|>` — the thinking
+is not judged, only what the policy answers, and the score is always read at the same token.
 
 Pairs come from a JSONL file of {"messages", "images", "videos", "chosen", "rejected", "task" (optional: accuracy
 per domain)}, of which a share of the lines (by a hash of their content) is held out, or by default from the
@@ -27,7 +27,8 @@ come from the world's held-out split.
 The training machinery is the trainer's (pretrain.py): FSDP2, checkpoints by SaveSchedule, --resume, metrics.jsonl,
 the Hugging Face export. The export is a Glm4v checkpoint with one more tensor, score.weight (transformers'
 Glm4vForConditionalGeneration loads it and lists that tensor as unexpected); reward.json beside it holds the
-calibration offset the `model` verifier maps rewards with, σ(r − offset), and the held-out accuracy it was measured at.
+calibration offset by which the `model` verifier maps a reward r to σ(r − offset), and the held-out accuracy of
+these weights.
 """
 import dataclasses
 import json
@@ -272,26 +273,13 @@ class JsonlPairs:
 
     def __init__(self, rc: RewardConfig, tokenizer):
         path, self.tokenizer, self.seed = rc.data, tokenizer, rc.seed
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"pair file not found: {path}")
-        root, tasks, self.lines, self.held, dropped, seen = os.path.dirname(os.path.abspath(path)), names(
-            rc.tasks), [], [], [], 0
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                seen += 1
-                try:
-                    record = self.parse(json.loads(line), root, rc.max_len)
-                except json.JSONDecodeError as e:
-                    dropped.append(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})")
-                    continue
-                except (ValueError, TypeError, FileNotFoundError) as e:
-                    dropped.append(f"{path}:{lineno}: {e}")
-                    continue
-                if not tasks or record["task"] in tasks:
-                    held = data.stable_hash("heldout", line.strip()) % 10_000 < rc.heldout_share * 10_000
-                    (self.held if held else self.lines).append(record)
+        root, tasks = os.path.dirname(os.path.abspath(path)), names(rc.tasks)
+        usable, dropped, seen = data.read_jsonl(path, lambda obj: self.parse(obj, root, rc.max_len), "pair")
+        self.lines, self.held = [], []
+        for _, line, record in usable:
+            if not tasks or record["task"] in tasks:
+                held = data.stable_hash("heldout", line.strip()) % 10_000 < rc.heldout_share * 10_000
+                (self.held if held else self.lines).append(record)
         for problem in dropped[:5]:
             pretrain.log(f"dropped {problem}")
         if dropped and len(dropped) > rc.max_bad_data * seen:
@@ -342,16 +330,16 @@ class JsonlPairs:
 
 @dataclass
 class RewardRun:
-    """What one reward-model run holds between steps."""
+    """What one reward-model run holds between steps: what it trains, on which pairs, then where."""
     rc: RewardConfig
-    rank: int
-    world: int
-    device: torch.device
-    cfg: M.Config
-    tokenizer: data.Tokenizer
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     pairs: object  # WorldPairs or JsonlPairs
+    cfg: M.Config
+    tokenizer: data.Tokenizer
+    rank: int
+    world: int
+    device: torch.device
     autocast: object
     step: int = 0
     calibration: dict = field(default_factory=dict)  # the last held-out evaluation (offset, accuracies)
@@ -384,7 +372,7 @@ def setup(rc: RewardConfig) -> RewardRun:
     del state
     optimizer = pretrain.build_optimizer(model, rc, device)
     pairs = JsonlPairs(rc, tokenizer) if rc.data else WorldPairs(rc, tokenizer)
-    run = RewardRun(rc, rank, world_size, device, cfg, tokenizer, model, optimizer, pairs,
+    run = RewardRun(rc, model, optimizer, pairs, cfg, tokenizer, rank, world_size, device,
                     pretrain.autocast_for(device, world_size))
     if resume_from:
         state = pretrain.load_training_state(model, optimizer, resume_from, rank)
@@ -514,12 +502,7 @@ def train(rc: RewardConfig):
                 {"heldout": f"{row['heldout_accuracy']:.2f}"} if "heldout_accuracy" in row else {}))
             pretrain.check_finite(result["ok"], bad_in_a_row, rc.max_bad_steps, f"step {run.step}: non-finite loss "
                                   f"({result['loss']}) or gradient norm ({result['grad_norm']})", rc.out)
-            if reason in ("signal", "end") or (reason and result["ok"]):
-                save(run)
-                schedule.saved()
-            if reason == "signal":
-                pretrain.teardown_distributed()
-                raise SystemExit(schedule.stop_message(run.step, rc.out))
+            schedule.save_if_due(reason, result["ok"], lambda: save(run), run.step, rc.out)
     finally:
         schedule.close()
         bar.close()

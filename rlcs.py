@@ -6,11 +6,13 @@
 
 One iteration is five named steps of `train`: **rollout** — the curriculum picks prompts from a fixed pool, each
 gets G replies from `sample.generate_replies` (temperature 1, top-p 1, force answering at the thinking budget);
-**score** — `rewards.score` grades every reply with its domain's strict verifier; **select** — groups whose G
-rewards are all equal give no gradient, so K·e prompts are rolled out (e, the expansion factor, an EMA of 1 / (1 −
-their share)) and the K most balanced groups are kept; **update** — group-normalised advantages and the clipped
-GRPO loss (clip-higher [0.8, 1.28], per-sample averaging, no KL and no entropy term), `--updates-per-batch`
-optimizer steps, then the rollout weights are refreshed; **log**. Format is SFT's job: a malformed reply scores 0.
+**score** — `rewards.score` grades every reply with its domain's strict verifier (with --reward-model, the reward
+model of reward.py grades the prompts no rule can check, or those asked for: RLHF beside RLVR, paper §5.2);
+**select** — groups whose G rewards are all equal give no gradient, so K·e prompts are rolled out (e, the expansion
+factor, an EMA of 1 / (1 − their share)) and the K most balanced groups are kept; **update** — group-normalised
+advantages and the clipped GRPO loss (clip-higher [0.8, 1.28], per-sample averaging, no KL and no entropy term),
+`--updates-per-batch` optimizer steps, then the rollout weights are refreshed; **log**. Format is SFT's job: a
+malformed reply scores 0.
 
 Curriculum sampling: every pool item has a tier from its level and its offline pass rate (`--grade`); the
 rollouts keep EMAs of each item's and each tier's pass rate p, and items are sampled with weight ∝ 4p(1 − p)
@@ -356,24 +358,10 @@ def jsonl_pool(path: str, tasks=None, max_bad_data: float = 0.05) -> list:
     """Prompts from a JSONL file (`python world.py export` writes such files). A line that is not a valid prompt,
     or whose answer its verifier cannot read, is dropped and counted (the first few printed with file:line); more
     than max_bad_data of them stops with an error."""
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"prompt file not found: {path}")
-    root, pool, dropped, lines = os.path.dirname(os.path.abspath(path)), [], [], 0
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            lines += 1
-            try:
-                item = pool_record(json.loads(line), root)
-            except json.JSONDecodeError as e:
-                dropped.append(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})")
-                continue
-            except (ValueError, TypeError, FileNotFoundError) as e:
-                dropped.append(f"{path}:{lineno}: {e}")
-                continue
-            if not tasks or item.task in tasks:
-                pool.append(dataclasses.replace(item, key=f"line:{lineno}", index=lineno))
+    root = os.path.dirname(os.path.abspath(path))
+    usable, dropped, lines = data.read_jsonl(path, lambda obj: pool_record(obj, root), "prompt")
+    pool = [dataclasses.replace(item, key=f"line:{lineno}", index=lineno) for lineno, _, item in usable
+            if not tasks or item.task in tasks]
     for problem in dropped[:5]:
         pretrain.log(f"dropped {problem}")
     if dropped and (len(dropped) > max_bad_data * lines or not pool):
@@ -855,12 +843,7 @@ def train(rc: RLConfig):
             pretrain.check_finite(not bad, bad_in_a_row, rc.max_bad_steps, f"iteration {run.step}: {bad} update(s) "
                                   "with a non-finite loss or gradient", rc.out)
             reason = schedule.due(run.step, rc.max_steps if not run.finished() else run.step)
-            if reason in ("signal", "end") or (reason and not bad):  # skipped updates left the weights as they were
-                save(run)
-                schedule.saved()
-            if reason == "signal":
-                pretrain.teardown_distributed()
-                raise SystemExit(schedule.stop_message(run.step, rc.out))
+            schedule.save_if_due(reason, not bad, lambda: save(run), run.step, rc.out)  # skipped: weights as they were
     finally:
         schedule.close()
         bar.close()

@@ -6,6 +6,8 @@ import json
 import math
 import os
 import shutil
+import subprocess
+import sys
 import types
 
 import numpy as np
@@ -22,6 +24,7 @@ import world
 from conftest import metrics, micro_checkpoint, rl_config, stop_after_first_save
 
 CPU = torch.device("cpu")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.usefixtures("one_thread")  # thousands of tiny ops on a shared 2-core machine
 
 # choice and counting questions of levels 1-2, each against the answer to the other domain's item
@@ -161,6 +164,25 @@ def test_jsonl_pairs_train_and_resume_exactly(tmp_path, monkeypatch, tok):
             if key in a:
                 assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), (key, a, b)
     assert "heldout_accuracy_choice" in straight[-1] and straight[-1]["heldout_pairs"] == len(pairs.held)
+
+
+def test_two_processes_match_one(sft_checkpoint, tmp_path):
+    """torchrun: FSDP2 shards the model with its head (lm_head frozen in the root group), the held-out pairs are
+    dealt over the ranks; losses, the held-out accuracy and the calibration match one process."""
+    flags = ["--init-from", sft_checkpoint, *PAIRS, "--pairs-per-step", "8", "--eval-pairs", "3", "--max-steps", "2"]
+    reward.main([*flags, "--out", str(tmp_path / "one")])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
+                             "reward.py", *flags, "--out", str(tmp_path / "two")], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    one, two = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    assert [r["step"] for r in two] == [1, 2] and two[-1]["heldout_pairs"] == 6
+    for a, b in zip(one, two):
+        for key in ("loss", "grad_norm", "accuracy", "heldout_accuracy", "offset"):
+            if key in a:
+                assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), (key, a, b)
+    assert reward.load(str(tmp_path / "two"), CPU)[0].offset == pytest.approx(two[-1]["offset"])
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ import pretrain
 import rlcs
 import sample
 import world
-from conftest import MICRO, metrics, rl_config
+from conftest import MICRO, metrics, rl_config, stop_after_first_save
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CPU = torch.device("cpu")
@@ -409,23 +409,10 @@ def test_rl_raises_the_mean_reward(sft_checkpoint, tmp_path):
     assert all(0 <= r["clip_fraction"] < 0.5 and r["kept_informative"] > 0 for r in rows)
 
 
-class Stop(Exception):
-    pass
-
-
 def test_resume_continues_exactly(sft_checkpoint, tmp_path, monkeypatch):
     flags = ["--max-steps", "4", "--save-every", "2", "--lr", "3e-4"]
     rlcs.train(rl_config(tmp_path / "straight", sft_checkpoint, *flags))
-    save = pretrain.save_training_state
-
-    def save_then_stop(*args, **kwargs):
-        save(*args, **kwargs)
-        raise Stop
-
-    monkeypatch.setattr(pretrain, "save_training_state", save_then_stop)
-    with pytest.raises(Stop):
-        rlcs.train(rl_config(tmp_path / "resumed", sft_checkpoint, *flags))
-    monkeypatch.setattr(pretrain, "save_training_state", save)
+    stop_after_first_save(monkeypatch, rlcs.train, rl_config(tmp_path / "resumed", sft_checkpoint, *flags))
     with pytest.raises(FileExistsError, match="--resume"):
         rlcs.train(rl_config(tmp_path / "resumed", sft_checkpoint, *flags))
     state = json.load(open(tmp_path / "resumed" / "checkpoints" / "step_00000002" / "trainer_rank0.json"))
