@@ -164,8 +164,11 @@ def load(path: str, device):
     model.requires_grad_(False)
     calibration = os.path.join(path, "reward.json")
     if os.path.exists(calibration):
-        with open(calibration) as f:
-            model.offset = float(json.load(f)["offset"])
+        try:
+            with open(calibration) as f:
+                model.offset = float(json.load(f)["offset"])
+        except (ValueError, KeyError, TypeError) as e:  # not JSON, no offset, or not a number
+            raise ValueError(f"{calibration}: no readable calibration offset ({e!r})") from e
     else:
         pretrain.log(f"warning: {calibration} is missing; the `model` verifier maps rewards with σ(r), offset 0")
     if not math.isfinite(model.offset):

@@ -854,11 +854,15 @@ def train(rc: RLConfig):
 
 
 def heldout_accuracy(run: Run) -> dict:
-    """--eval-every: greedy accuracy of the rollout weights on the run's own held-out items (evaluate.py)."""
+    """--eval-every: greedy accuracy of the rollout weights on the run's own held-out items (evaluate.py), strict,
+    in the run's domains that the synthetic world has (a --data domain without world items has no held-out set)."""
     rc = run.rc
-    items = evaluate.heldout_items(task_list(rc.tasks) or default_tasks(), rc.eval_n, rc.seed, pool_levels(rc))
+    tasks = [t for t in task_list(rc.tasks) or default_tasks() if t in world.TASKS]
+    if not tasks:
+        return {}
+    items = evaluate.heldout_items(tasks, rc.eval_n, rc.seed, pool_levels(rc))
     records = evaluate.run(run.roller, run.tokenizer, items, rc.max_new_tokens, rc.think_budget, seed=rc.seed)
-    return evaluate.accuracy(records, task_list(rc.tasks) or default_tasks())
+    return evaluate.accuracy(records, tasks)
 
 
 # ---------------------------------------------------------------------------------------------------------------
