@@ -59,7 +59,8 @@ class RunConfig:
     stages: ClassVar[tuple] = ()  # the stages this kind of run can be; the first is the default
     # the run
     preset: str = _f("tiny", "model preset from model.PRESETS (tiny | 9b); with --init-from only its defaults apply")
-    stage: str = _f(None, "pretrain (stage 1) | long (stage 2: long context + video) | sft; rl in rlcs.py")
+    stage: str = _f(None, "pretrain (stage 1) | long (stage 2: long context + video) | sft; rl in rlcs.py, reward "
+                           "in reward.py")
     out: str = _f(None, "output directory (metrics.jsonl, checkpoints, HF export); default runs/<stage>")
     init_from: str = _f(None, "start from this Hugging Face-format checkpoint directory (e.g. the released 9B)")
     num_layers: int = _f(None, "decoder layers of a model built from the preset, without --init-from (default: the "

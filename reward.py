@@ -18,7 +18,8 @@ per domain)}, of which a share of the lines (by a hash of their content) is held
 synthetic world, with no model needed to write them: an item's right reply against a wrong one (`--wrong`):
   foreign — the answer to an item of another of the run's domains (a count for a multiple-choice question). Which
             answer is right shows in the text, but only together with the question: with the domains balanced, a
-            scorer that ignores the prompt ranks half of these pairs right, so accuracy above 0.5 is reading it.
+            scorer that ignores the prompt ranks half of these pairs right on average, so accuracy above 0.5 is
+            reading it (answers of the same kind, a count for an arithmetic question, need the image).
   swapped — the answer of another item of the same domain and level: plausible, right for another image; only a
             model that perceives the image can rank these (the real reward model's job).
 A rejected reply always scores below 1 on the domain's strict verifier (the chosen one scores 1). Held-out pairs
