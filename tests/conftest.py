@@ -78,8 +78,8 @@ class Stop(Exception):
 
 
 def stop_after_first_save(monkeypatch, train, config):
-    """train(config) until its first training checkpoint is written, then stop as if killed; returns the real
-    pretrain.save_training_state back in place, ready for a --resume."""
+    """train(config) until its first training checkpoint is written, then stop as if killed; the real
+    pretrain.save_training_state is put back, ready for a --resume."""
     import pretrain
 
     save = pretrain.save_training_state
