@@ -1070,6 +1070,27 @@ def no_think(seed: int, i: int, share: float) -> bool:
     return stable_hash("think", seed, i) % 10_000 < share * 10_000
 
 
+def read_jsonl(path: str, parse, what: str = "data"):
+    """(usable, dropped, lines) of a JSONL file whose bad lines are skipped and counted (RL prompts, preference
+    pairs): usable [(lineno, line, parse(obj))]; dropped ["file:line: why"] for each line that is not JSON or that
+    parse refuses (ValueError, TypeError, FileNotFoundError); lines, the count of non-empty lines."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{what} file not found: {path}")
+    usable, dropped, lines = [], [], 0
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            lines += 1
+            try:
+                usable.append((lineno, line, parse(json.loads(line))))
+            except json.JSONDecodeError as e:
+                dropped.append(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})")
+            except (ValueError, TypeError, FileNotFoundError) as e:
+                dropped.append(f"{path}:{lineno}: {e}")
+    return usable, dropped, lines
+
+
 class JsonlSource:
     """Samples from a dataset file: JSONL (one record a line) or a JSON array (a .json file, as LLaMA-Factory
     writes them). A record is a conversation in any of these forms (parse_record):

@@ -455,7 +455,8 @@ def plot(out: str) -> list:
         raise ValueError(f"{path} is empty")
     xs = [r["step"] for r in rows]
     window = max(1, len(rows) // 50)
-    tasks = [t for t in rewards.VERIFIERS if any(f"reward_{t}" in r for r in rows)]
+    logged = dict.fromkeys(k[len("reward_"):] for r in rows for k in r if k.startswith("reward_"))
+    tasks = [t for t in rewards.VERIFIERS if t in logged] + [t for t in logged if t not in rewards.VERIFIERS]
     series = [(t, smooth([r.get(f"reward_{t}") for r in rows], window), PALETTE[k % len(PALETTE)])
               for k, t in enumerate(tasks)] + [("all", smooth([r["reward"] for r in rows], window), (0, 0, 0))]
     keys = [k[len("tier_share_"):] for k in rows[0] if k.startswith("tier_share_")]  # the tiers, easy first

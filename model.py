@@ -385,8 +385,10 @@ class GLM4V(nn.Module):
     # --- forward -------------------------------------------------------------------------------------------
 
     def forward(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
-                pixel_values_videos=None, video_grid_thw=None, position_ids=None, cu_seqlens=None, labels=None):
-        """Logits (B, T, vocab); or, given `labels` (B, T), the log-probability of each label token (B, T).
+                pixel_values_videos=None, video_grid_thw=None, position_ids=None, cu_seqlens=None, labels=None,
+                return_hidden=False):
+        """Logits (B, T, vocab); or, given `labels` (B, T), the log-probability of each label token (B, T); or with
+        return_hidden the decoder's final hidden states (B, T, C), before lm_head (the reward model's input).
 
         `attention_mask` (B, T) marks real tokens (left or right padding); padded positions come back as zeros.
         For packed training pass input_ids (1, T), position_ids (3, 1, T) and cu_seqlens (n+1,) of the samples.
@@ -418,6 +420,8 @@ class GLM4V(nn.Module):
 
         positions = position_ids.flatten(1) if keep is None else position_ids[:, keep]
         h = self.model.language_model(pack(x), positions, cu_seqlens, max_seqlen)
+        if return_hidden:
+            return unpack(h)
         if labels is None:
             return unpack(self.lm_head(h))
         # position i predicts token i+1 of its own sequence; the last token of a sequence predicts nothing

@@ -61,7 +61,8 @@ class RunConfig:
     stages: ClassVar[tuple] = ()  # the stages this kind of run can be; the first is the default
     # the run
     preset: str = _f("tiny", "model preset from model.PRESETS (tiny | 9b); with --init-from only its defaults apply")
-    stage: str = _f(None, "pretrain (stage 1) | long (stage 2: long context + video) | sft; rl in rlcs.py")
+    stage: str = _f(None, "pretrain (stage 1) | long (stage 2: long context + video) | sft; rl in rlcs.py, reward "
+                           "in reward.py")
     out: str = _f(None, "output directory (metrics.jsonl, checkpoints, HF export); default runs/<stage>")
     init_from: str = _f(None, "start from this Hugging Face-format checkpoint directory (e.g. the released 9B)")
     num_layers: int = _f(None, "decoder layers of a model built from the preset, without --init-from (default: the "
@@ -318,10 +319,11 @@ def initial_state(run: RunConfig, rank: int):
     return cfg, M.GLM4V(cfg).init_weights().state_dict(), tokenizer
 
 
-def build_model(run: RunConfig, cfg: M.Config, state: dict, device, world: int):
-    """The model on `device`, frozen parts marked, FSDP2-sharded when world > 1, holding `state`."""
+def build_model(run: RunConfig, cfg: M.Config, state: dict, device, world: int, model_class=M.GLM4V):
+    """The model (a GLM4V, or reward.RewardModel) on `device`, frozen parts marked, FSDP2-sharded when world > 1,
+    holding `state`."""
     with torch.device("meta"):
-        model = M.GLM4V(cfg)
+        model = model_class(cfg)
     if run.freeze_vision:  # the ViT; the projector (downsample + merger) keeps learning
         for name, p in model.model.visual.named_parameters():
             p.requires_grad = name.startswith(("downsample", "merger"))
@@ -841,18 +843,25 @@ def train_step(model, optimizer, batches, device, world: int, autocast, grad_cli
         (nll * world / max(n_targets, 1)).backward()
         loss_sum += nll.detach()
     loss = all_reduce_sum(loss_sum) / max(n_targets, 1)
+    grad_norm, ok = clip_and_step(model, optimizer, grad_clip, bool(torch.isfinite(loss)), before_update)
+    tokens = sum(int(b["cu_seqlens"][-1]) for b in batches)
+    return float(loss), grad_norm, tokens, ok
+
+
+def clip_and_step(model, optimizer, grad_clip: float, loss_ok: bool, before_update=None):
+    """Clip the global gradient norm (0: only measure it), then step unless the loss or the norm is not finite;
+    the gradients are cleared either way. before_update(ok) runs first. Returns (grad_norm, ok)."""
     params = [p for p in model.parameters() if p.grad is not None]
     grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip or float("inf"))
     if hasattr(grad_norm, "full_tensor"):
         grad_norm = grad_norm.full_tensor()
-    ok = bool(torch.isfinite(loss)) and bool(torch.isfinite(grad_norm))
+    ok = loss_ok and bool(torch.isfinite(grad_norm))
     if before_update is not None:
         before_update(ok)
     if ok:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    tokens = sum(int(b["cu_seqlens"][-1]) for b in batches)
-    return float(loss), float(grad_norm), tokens, ok
+    return float(grad_norm), ok
 
 
 # Fields that a resumed run may change without saying so: how long it runs, the learning rate, how it saves,
@@ -957,6 +966,16 @@ class SaveSchedule:
     def stop_message(self, step: int, out: str) -> str:
         return (f"stopped by {signal.Signals(self.signal).name} after step {step}; checkpoint "
                 f"{latest_checkpoint(out)} saved — continue with --resume")
+
+    def save_if_due(self, reason, ok: bool, save, step: int, out: str):
+        """save() when `reason` (from due) asks for it: at the end and on a signal always, otherwise only after a
+        step whose update was not skipped as non-finite; on a signal the job then stops (SystemExit)."""
+        if reason in ("signal", "end") or (reason and ok):
+            save()
+            self.saved()
+        if reason == "signal":
+            teardown_distributed()
+            raise SystemExit(self.stop_message(step, out))
 
 
 def autocast_for(device, world: int):

@@ -39,6 +39,8 @@ Design (the algorithmic choices, top to bottom):
   never equal to a single value; a number right before \\frac (2\\frac{1}{2}, −2\\frac{1}{2}) is unreadable. A
   trailing % may be read either as the fraction (50% = 0.5) or as the percentage (50), never more; a degree sign as
   degrees or radians (30° = 30 or π/6).
+* `model_verifier` is the other half of the reward system (RLHF, paper §5.2): a reward model trained by reward.py
+  scores the answer part of replies to prompts no rule can check; rlcs.py uses it only where asked (--reward-model).
 * `score(..., lenient=True)` is the deliberately weak verifier of paper §5 — kept tiny at the end of the file to
   reproduce the reward-hacking collapse (README, Finding 3). Never train with it otherwise.
 """
@@ -2004,6 +2006,33 @@ def score(task, response, answer, lenient=False):
     except Exception as e:  # a safety net for bugs here or in a user's verifier: RL must not die on one reply
         warnings.warn(f"rewards: {task} verifier failed with {e!r}; scoring 0")
         return 0.0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The `model` verifier: a reward model for what no rule can check (RLHF, paper §5.2)
+
+MODEL_VERIFIER = "model"  # the "verifier" of RL prompts a reward model grades (rlcs.py --reward-model)
+
+
+def model_verifier(reward_model, tokenizer, prompts, replies, batch_rows=None):
+    """Rewards in [0, 1] of decoded replies to rendered prompts from a reward model (reward.py), batched (batch_rows
+    rows per forward) on its device: σ(r − offset), where offset (its reward.json) lies halfway between its mean
+    reward of the right and of the wrong replies of its held-out pairs, so that boundary maps to 0.5 and r − offset
+    is the log-odds that the reply beats a reply on it (Bradley–Terry). A malformed reply scores 0 without the
+    model, as for every verifier (format is SFT's job); a non-finite r scores 0. Returns (scores, how many r were
+    not finite)."""
+    import reward  # torch and a model: imported only by runs that have a reward model
+
+    graded = [k for k, reply in enumerate(replies) if extract_answer(reply) is not None]
+    raw = reward.rewards_of(reward_model, tokenizer, [prompts[k] for k in graded], [replies[k] for k in graded],
+                            batch_rows)
+    scores, nonfinite = [0.0] * len(replies), 0
+    for k, r in zip(graded, raw):
+        if math.isfinite(r):
+            scores[k] = 0.5 * (1.0 + math.tanh((r - reward_model.offset) / 2))  # σ without overflow
+        else:
+            nonfinite += 1
+    return scores, nonfinite
 
 
 # ----------------------------------------------------------------------------------------------------------------

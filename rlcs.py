@@ -6,11 +6,13 @@
 
 One iteration is five named steps of `train`: **rollout** — the curriculum picks prompts from a fixed pool, each
 gets G replies from `sample.generate_replies` (temperature 1, top-p 1, force answering at the thinking budget);
-**score** — `rewards.score` grades every reply with its domain's strict verifier; **select** — groups whose G
-rewards are all equal give no gradient, so K·e prompts are rolled out (e, the expansion factor, an EMA of 1 / (1 −
-their share)) and the K most balanced groups are kept; **update** — group-normalised advantages and the clipped
-GRPO loss (clip-higher [0.8, 1.28], per-sample averaging, no KL and no entropy term), `--updates-per-batch`
-optimizer steps, then the rollout weights are refreshed; **log**. Format is SFT's job: a malformed reply scores 0.
+**score** — `rewards.score` grades every reply with its domain's strict verifier (with --reward-model, the reward
+model of reward.py grades the prompts no rule can check, or those asked for: RLHF beside RLVR, paper §5.2);
+**select** — groups whose G rewards are all equal give no gradient, so K·e prompts are rolled out (e, the expansion
+factor, an EMA of 1 / (1 − their share)) and the K most balanced groups are kept; **update** — group-normalised
+advantages and the clipped GRPO loss (clip-higher [0.8, 1.28], per-sample averaging, no KL and no entropy term),
+`--updates-per-batch` optimizer steps, then the rollout weights are refreshed; **log**. Format is SFT's job: a
+malformed reply scores 0.
 
 Curriculum sampling: every pool item has a tier from its level and its offline pass rate (`--grade`); the
 rollouts keep EMAs of each item's and each tier's pass rate p, and items are sampled with weight ∝ 4p(1 − p)
@@ -37,6 +39,7 @@ import evaluate
 import lora
 import model as M
 import pretrain
+import reward
 import rewards
 import sample
 import world
@@ -88,6 +91,11 @@ class RLConfig(pretrain.RunConfig):
                        "your function fn(box content, ground truth as text) -> [0, 1] (rewards.add_verifier)")
     lenient_verifier: str = _f(None, "comma-separated domains scored with the hackable lenient verifier during "
                                "training only (paper §5's collapse experiment); evaluation is always strict")
+    reward_model: str = _f(None, "a reward model (reward.py's --out) for the `model` verifier (paper §5.2): it grades "
+                           "prompts marked \"verifier\": \"model\", domains without a rule verifier and "
+                           "--model-verifier-tasks")
+    model_verifier_tasks: str = _f(None, "comma-separated domains graded by --reward-model instead of their rule "
+                                   "verifier, in training only (their strict score is logged as strict_reward_<task>)")
     eval_every: int = _f(0, "held-out greedy evaluation every N iterations into metrics.jsonl (0: off)")
     eval_n: int = _f(None, "held-out items per domain for --eval-every (default: per preset)")
     grade: bool = _f(False, "write the offline difficulty (pass rate and pass@k per pool item) and exit")
@@ -117,12 +125,17 @@ def resolve(rc: RLConfig) -> RLConfig:
     if rc.curriculum not in ("rlcs", "uniform"):
         raise ValueError(f"--curriculum must be rlcs or uniform, not {rc.curriculum!r}")
     rewards.add_verifiers(rc.verifier)
-    for name in task_list(rc.tasks) + task_list(rc.lenient_verifier):
-        if name not in rewards.VERIFIERS:
-            raise ValueError(f"unknown domain {name!r} in --tasks/--lenient-verifier; domains: "
-                             f"{', '.join(rewards.VERIFIERS)} (--verifier NAME=module:function adds one)")
-        if not rc.data and name not in world.TASKS:
+    judged = task_list(rc.model_verifier_tasks)
+    for name in ([] if rc.data else task_list(rc.tasks)) + task_list(rc.lenient_verifier) + judged:
+        if name not in rewards.VERIFIERS:  # a --data file may hold domains without one: the reward model grades them
+            raise ValueError(f"unknown domain {name!r} in --tasks/--lenient-verifier/--model-verifier-tasks; "
+                             f"domains: {', '.join(rewards.VERIFIERS)} (--verifier NAME=module:function adds one)")
+        if not rc.data and name in task_list(rc.tasks) and name not in world.TASKS:
             raise ValueError(f"the synthetic world has no domain {name!r}: its prompts come from --data")
+    if judged and not rc.reward_model:
+        raise ValueError("--model-verifier-tasks needs --reward-model DIR (a reward model trained with reward.py)")
+    if set(judged) & set(task_list(rc.lenient_verifier)):
+        raise ValueError("a domain cannot be in both --lenient-verifier and --model-verifier-tasks")
     if rc.groups_per_step < 1 or rc.updates_per_batch < 1:
         raise ValueError(f"--groups-per-step and --updates-per-batch must be at least 1, got {rc.groups_per_step} "
                          f"and {rc.updates_per_batch}")
@@ -301,14 +314,16 @@ class Curriculum:
 
 @dataclass
 class PoolItem:
-    """One training prompt: its key (the grade file's join key), domain, level 1–5, ground truth, and where it
-    comes from (a synthetic item index, or a parsed JSONL record)."""
+    """One training prompt: its key (the grade file's join key), domain, level 1–5, ground truth, where it comes
+    from (a synthetic item index, or a parsed JSONL record), and what grades it (None: its domain's rule verifier;
+    rewards.MODEL_VERIFIER: the reward model)."""
     key: str
     task: str
     level: int
     answer: object
     index: int = 0
     record: dict = None
+    verifier: str = None
 
 
 def synthetic_pool(tasks, per_level: int, seed: int, levels=world.LEVELS) -> list:
@@ -319,49 +334,40 @@ def synthetic_pool(tasks, per_level: int, seed: int, levels=world.LEVELS) -> lis
 
 
 def pool_record(obj, root: str) -> PoolItem:
-    """One JSONL prompt {"messages", "images"/"videos", "task", "answer", "level" (1–5, default 3)} as a pool item
-    (its assistant messages dropped); ValueError/FileNotFoundError say what is wrong with it."""
+    """One JSONL prompt {"messages", "images"/"videos", "task", "answer", "level" (1–5, default 3), "verifier"
+    ("model": graded by --reward-model; absent: by the task's rule verifier)} as a pool item (its assistant messages
+    dropped). A task without a rule verifier is the reward model's, and needs no answer; a model-graded prompt's
+    answer, when given, gives its strict score. ValueError/FileNotFoundError say what is wrong with it."""
     record = data.parse_record(obj, root)
     if "messages" not in record:
         raise ValueError("an RL prompt needs 'messages'")
-    task, level = obj.get("task"), obj.get("level", 3)
-    if task not in rewards.VERIFIERS:
-        raise ValueError(f"'task' must be one of {', '.join(rewards.VERIFIERS)}, got {task!r} "
-                         "(--verifier NAME=module:function adds one)")
-    if "answer" not in obj:
+    task, level, verifier = obj.get("task"), obj.get("level", 3), obj.get("verifier")
+    if not isinstance(task, str) or not task:
+        raise ValueError(f"'task' must name the domain (rule verifiers: {', '.join(rewards.VERIFIERS)}), got {task!r}")
+    if verifier not in (None, rewards.MODEL_VERIFIER):
+        raise ValueError(f"'verifier' must be {rewards.MODEL_VERIFIER!r} (graded by --reward-model) or absent, got "
+                         f"{verifier!r}")
+    verifier = verifier if task in rewards.VERIFIERS else rewards.MODEL_VERIFIER
+    if "answer" not in obj and verifier is None:
         raise ValueError("'answer' (the ground truth the verifier checks) is missing")
     if level not in world.LEVELS:
         raise ValueError(f"'level' must be one of {world.LEVELS}, got {level!r}")
-    problem = rewards.truth_problem(task, obj["answer"])
+    problem = rewards.truth_problem(task, obj["answer"]) if "answer" in obj and task in rewards.VERIFIERS else None
     if problem:
         raise ValueError(problem)
     while record["messages"] and record["messages"][-1]["role"] == "assistant":
         record["messages"].pop()
-    return PoolItem("", task, level, obj["answer"], 0, record)
+    return PoolItem("", task, level, obj.get("answer"), 0, record, verifier)
 
 
 def jsonl_pool(path: str, tasks=None, max_bad_data: float = 0.05) -> list:
     """Prompts from a JSONL file (`python world.py export` writes such files). A line that is not a valid prompt,
     or whose answer its verifier cannot read, is dropped and counted (the first few printed with file:line); more
     than max_bad_data of them stops with an error."""
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"prompt file not found: {path}")
-    root, pool, dropped, lines = os.path.dirname(os.path.abspath(path)), [], [], 0
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            lines += 1
-            try:
-                item = pool_record(json.loads(line), root)
-            except json.JSONDecodeError as e:
-                dropped.append(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})")
-                continue
-            except (ValueError, TypeError, FileNotFoundError) as e:
-                dropped.append(f"{path}:{lineno}: {e}")
-                continue
-            if not tasks or item.task in tasks:
-                pool.append(dataclasses.replace(item, key=f"line:{lineno}", index=lineno))
+    root = os.path.dirname(os.path.abspath(path))
+    usable, dropped, lines = data.read_jsonl(path, lambda obj: pool_record(obj, root), "prompt")
+    pool = [dataclasses.replace(item, key=f"line:{lineno}", index=lineno) for lineno, _, item in usable
+            if not tasks or item.task in tasks]
     for problem in dropped[:5]:
         pretrain.log(f"dropped {problem}")
     if dropped and (len(dropped) > max_bad_data * lines or not pool):
@@ -375,9 +381,14 @@ def jsonl_pool(path: str, tasks=None, max_bad_data: float = 0.05) -> list:
 
 
 def build_pool(rc: RLConfig) -> list:
+    """The prompts, --model-verifier-tasks marked as graded by the reward model."""
     if rc.data:
-        return jsonl_pool(rc.data, task_list(rc.tasks), rc.max_bad_data)
-    return synthetic_pool(task_list(rc.tasks) or default_tasks(), rc.pool_size, rc.seed, pool_levels(rc))
+        pool = jsonl_pool(rc.data, task_list(rc.tasks), rc.max_bad_data)
+    else:
+        pool = synthetic_pool(task_list(rc.tasks) or default_tasks(), rc.pool_size, rc.seed, pool_levels(rc))
+    judged = set(task_list(rc.model_verifier_tasks))
+    return [dataclasses.replace(item, verifier=rewards.MODEL_VERIFIER) if item.task in judged else item
+            for item in pool]
 
 
 def pool_levels(rc: RLConfig) -> list:
@@ -413,9 +424,53 @@ def difficulty_path(rc: RLConfig) -> str:
 
 def score_replies(tokenizer, items, replies, group_size: int, lenient=()) -> list:
     """rewards.score of reply k against items[k // G], decoded with special tokens kept; `lenient` domains get
-    the hackable verifier (training only)."""
+    the hackable verifier (training only). NaN where no rule verifier can grade (a model-graded prompt of a domain
+    without one, or without a ground truth)."""
     return [rewards.score(items[k // group_size].task, tokenizer.decode(reply), items[k // group_size].answer,
-                          lenient=items[k // group_size].task in lenient) for k, reply in enumerate(replies)]
+                          lenient=items[k // group_size].task in lenient) if rule_gradable(items[k // group_size])
+            else math.nan for k, reply in enumerate(replies)]
+
+
+def rule_gradable(item: PoolItem) -> bool:
+    return item.task in rewards.VERIFIERS and item.answer is not None
+
+
+def judge_replies(judge, tokenizer, items, prompts, replies, rule, group_size: int, batch_rows=None) -> tuple:
+    """The rewards `rule` with the reward model's (rewards.model_verifier, one batched pass on its device) in place
+    for the replies to model-graded items; prompts[j] is items[j]'s rendered prompt. Returns (rewards, how many of
+    the reward model's scores were not finite: those replies score 0)."""
+    rows = [k for k in range(len(replies)) if items[k // group_size].verifier == rewards.MODEL_VERIFIER]
+    if not rows:
+        return rule, 0
+    judged, nonfinite = rewards.model_verifier(judge, tokenizer, [prompts[k // group_size] for k in rows],
+                                               [tokenizer.decode(replies[k]) for k in rows], batch_rows)
+    scores = list(rule)
+    for k, score in zip(rows, judged):
+        scores[k] = score
+    return scores, nonfinite
+
+
+def load_judge(rc: RLConfig, pool, tokenizer, device):
+    """The reward model of the `model` verifier, loaded once onto the rollout device (None when no prompt needs
+    it). Refused at the start: model-graded prompts without --reward-model, a checkpoint that is not a reward
+    model, or one that reads other tokens than the policy."""
+    judged = sorted({item.task for item in pool if item.verifier == rewards.MODEL_VERIFIER})
+    if not rc.reward_model:
+        if judged:
+            raise ValueError(f"the prompts of {', '.join(judged)} are graded by a reward model (\"verifier\": "
+                             "\"model\", or no rule verifier for the domain): pass --reward-model DIR (reward.py), or "
+                             "give the domain a rule verifier with --verifier NAME=module:function")
+        return None
+    if not judged:
+        warnings.warn(f"--reward-model {rc.reward_model}: no prompt of this run is graded by it (mark them "
+                      "\"verifier\": \"model\", or name their domains in --model-verifier-tasks)")
+        return None
+    judge, judge_tokenizer = reward.load(rc.reward_model, device)
+    if judge_tokenizer.backend.get_vocab() != tokenizer.backend.get_vocab():
+        raise ValueError(f"--reward-model {rc.reward_model} reads other tokens than the policy: its tokenizer.json "
+                         f"differs from the policy's ({rc.init_from or 'the preset'}); train it from the same base")
+    pretrain.log(f"the reward model {rc.reward_model} grades {', '.join(judged)} (offset {judge.offset:.3f})")
+    return judge
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -552,6 +607,7 @@ class Run:
     autocast: object
     step: int = 0
     totals: dict = None
+    judge: torch.nn.Module = None  # the reward model of the `model` verifier (--reward-model)
 
     def finished(self) -> bool:
         return self.step >= self.rc.max_steps or bool(self.rc.max_rollouts and
@@ -584,6 +640,7 @@ def setup(rc: RLConfig) -> Run:
     pool = build_pool(rc)
     if len(pool) < rc.groups_per_step:
         raise ValueError(f"the prompt pool has {len(pool)} items, fewer than --groups-per-step {rc.groups_per_step}")
+    judge = load_judge(rc, pool, tokenizer, device)
     grade_file = difficulty_path(rc)
     offline = load_difficulty(grade_file, pool) if grade_file and os.path.exists(grade_file) else None
     if rc.difficulty and offline is None:
@@ -592,7 +649,7 @@ def setup(rc: RLConfig) -> Run:
                             rc.curriculum_floor)
     run = Run(rc, rank, world, device, cfg, tokenizer, policy, policy, reference, optimizer, pool, curriculum,
               Expansion(rc.expansion_ema, rc.max_expansion), pretrain.autocast_for(device, world),
-              totals={"rollouts": 0, "rollout_tokens": 0, "optimizer_steps": 0, "skipped_updates": 0})
+              totals={"rollouts": 0, "rollout_tokens": 0, "optimizer_steps": 0, "skipped_updates": 0}, judge=judge)
     if resume_from:
         state = pretrain.load_training_state(policy, optimizer, resume_from, rank)
         pretrain.set_hyperparameters(optimizer, rc)  # the checkpoint's optimizer state, this run's settings
@@ -636,17 +693,20 @@ def rollout_step(run: Run) -> dict:
                                       batch_rows=rc.rollout_batch)
     items = [run.pool[i] for i in mine]
     lenient = set(task_list(rc.lenient_verifier))
-    scores = score_replies(run.tokenizer, items, replies, G, lenient)
-    strict = score_replies(run.tokenizer, items, replies, G) if lenient else scores
+    rule = score_replies(run.tokenizer, items, replies, G, lenient)
+    strict = score_replies(run.tokenizer, items, replies, G) if lenient else rule
+    scores, nonfinite = judge_replies(run.judge, run.tokenizer, items, [prompts[i] for i in mine], replies, rule, G,
+                                      rc.rollout_batch)
     think_close = run.tokenizer.special[data.THINK_CLOSE]
     forced = [rc.think_budget > 0 and len(r) > rc.think_budget and think_close not in r[:rc.think_budget]
               for r in replies]
     pretrain.heartbeat(rc.hang_timeout, f"iteration {run.step + 1}")  # every rank has rolled out its share
-    parts = pretrain.gather_objects((replies, scores, strict, forced, time.perf_counter() - start))
+    parts = pretrain.gather_objects((replies, scores, strict, forced, time.perf_counter() - start, nonfinite))
     return dict(picks=picks, prompts=prompts, replies=[r for part in parts for r in part[0]],
                 scores=torch.tensor([s for part in parts for s in part[1]], dtype=torch.float64).view(n, G),
                 strict=torch.tensor([s for part in parts for s in part[2]], dtype=torch.float64).view(n, G),
-                forced=[f for part in parts for f in part[3]], generate_seconds=max(p[4] for p in parts))
+                forced=[f for part in parts for f in part[3]], generate_seconds=max(p[4] for p in parts),
+                model_nonfinite=sum(p[5] for p in parts))
 
 
 def select_step(run: Run, batch: dict) -> dict:
@@ -705,21 +765,36 @@ def metrics_row(run: Run, batch: dict, selection: dict, updates: list, lr: float
            "rollout_tok_per_s": sum(lengths) / max(batch["generate_seconds"], 1e-9),
            "update_tok_per_s": update_tokens / max(seconds["update"], 1e-9),
            **{f"time_{k}": v for k, v in seconds.items()}, **run.totals}
-    lenient = set(task_list(run.rc.lenient_verifier))
-    picked_tasks = [run.pool[i].task for i in batch["picks"]]
-    for task in dict.fromkeys(picked_tasks):
-        rows_of = [k for k, t in enumerate(picked_tasks) if t == task]
-        row[f"reward_{task}"] = float(scores[rows_of].mean())
-        if task in lenient:
-            row[f"strict_reward_{task}"] = float(batch["strict"][rows_of].mean())
-    if lenient:
-        row["strict_reward"] = float(batch["strict"].mean())
+    row.update(domain_metrics(run, batch))
     picked_tiers = run.curriculum.tier[batch["picks"]]
     for t, name in enumerate(TIERS):
         here, key = picked_tiers == t, name.replace(" ", "_")
         row[f"tier_share_{key}"] = float(here.mean())
         row[f"pass_rate_{key}"] = float(scores[torch.from_numpy(here)].mean()) if here.any() else None
         row[f"tier_ema_{key}"] = float(selection["tier_pass"][t])
+    return row
+
+
+def domain_metrics(run: Run, batch: dict) -> dict:
+    """reward_<task> per domain. Where a domain is graded by another than its strict verifier (--lenient-verifier,
+    the reward model), its strict score strict_reward_<task> beside it, so that a policy hacking the weaker one
+    shows (paper §5); per model-graded domain model_reward_<task>, and model_reward_nonfinite (replies whose reward
+    model score was not finite, scored 0)."""
+    scores, strict, row = batch["scores"], batch["strict"], {}
+    lenient = set(task_list(run.rc.lenient_verifier))
+    picked = [run.pool[i] for i in batch["picks"]]
+    for task in dict.fromkeys(item.task for item in picked):
+        rows_of = [k for k, item in enumerate(picked) if item.task == task]
+        judged = [k for k in rows_of if picked[k].verifier == rewards.MODEL_VERIFIER]
+        row[f"reward_{task}"] = float(scores[rows_of].mean())
+        if judged:
+            row[f"model_reward_{task}"] = float(scores[judged].mean())
+        if (task in lenient or judged) and not strict[rows_of].isnan().all():
+            row[f"strict_reward_{task}"] = float(strict[rows_of].nanmean())
+    if lenient or run.judge is not None:
+        row["strict_reward"] = None if strict.isnan().all() else float(strict.nanmean())
+    if run.judge is not None:
+        row["model_reward_nonfinite"] = batch["model_nonfinite"]
     return row
 
 
@@ -767,18 +842,16 @@ def train(rc: RLConfig):
             if rc.eval_every and run.step % rc.eval_every == 0:
                 row.update({f"eval_{k}": v for k, v in heldout_accuracy(run).items()})
             metrics.write(row)
+            if batch["model_nonfinite"]:
+                pretrain.log(f"iteration {run.step}: {batch['model_nonfinite']} reward-model score(s) not finite; "
+                             "those replies scored 0")
             bar.update(1)
             bar.set_postfix(reward=f"{row['reward']:.3f}", informative=f"{1 - row['invalid_group_rate']:.2f}",
                             rollouts=run.totals["rollouts"])
             pretrain.check_finite(not bad, bad_in_a_row, rc.max_bad_steps, f"iteration {run.step}: {bad} update(s) "
                                   "with a non-finite loss or gradient", rc.out)
             reason = schedule.due(run.step, rc.max_steps if not run.finished() else run.step)
-            if reason in ("signal", "end") or (reason and not bad):  # skipped updates left the weights as they were
-                save(run)
-                schedule.saved()
-            if reason == "signal":
-                pretrain.teardown_distributed()
-                raise SystemExit(schedule.stop_message(run.step, rc.out))
+            schedule.save_if_due(reason, not bad, lambda: save(run), run.step, rc.out)  # skipped: weights as they were
     finally:
         schedule.close()
         bar.close()
@@ -789,11 +862,15 @@ def train(rc: RLConfig):
 
 
 def heldout_accuracy(run: Run) -> dict:
-    """--eval-every: greedy accuracy of the rollout weights on the run's own held-out items (evaluate.py)."""
+    """--eval-every: greedy accuracy of the rollout weights on the run's own held-out items (evaluate.py), strict,
+    in the run's domains that the synthetic world has (a --data domain without world items has no held-out set)."""
     rc = run.rc
-    items = evaluate.heldout_items(task_list(rc.tasks) or default_tasks(), rc.eval_n, rc.seed, pool_levels(rc))
+    tasks = [t for t in task_list(rc.tasks) or default_tasks() if t in world.TASKS]
+    if not tasks:
+        return {}
+    items = evaluate.heldout_items(tasks, rc.eval_n, rc.seed, pool_levels(rc))
     records = evaluate.run(run.roller, run.tokenizer, items, rc.max_new_tokens, rc.think_budget, seed=rc.seed)
-    return evaluate.accuracy(records, task_list(rc.tasks) or default_tasks())
+    return evaluate.accuracy(records, tasks)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -810,16 +887,18 @@ def grade(rc: RLConfig):
     path = difficulty_path(rc)
     model, tokenizer = evaluate.load_for_inference(rc.init_from, device)
     pool = build_pool(rc)
+    judge = load_judge(rc, pool, tokenizer, device)
     per_call = max(1, (rc.rollout_batch or 64 * rc.grade_k) // rc.grade_k)  # prompts per generate() call
     mine = list(range(rank, len(pool), world))
     results = []
     for start in tqdm(range(0, len(mine), per_call), disable=rank != 0, desc="grade", unit="batch"):
         items = [pool[i] for i in mine[start:start + per_call]]
-        replies = sample.generate_replies(model, [render_prompt(it, tokenizer, rc.seed) for it in items], rc.grade_k,
-                                          rc.max_new_tokens, rc.think_budget, tokenizer.force_answer_ids,
-                                          temperature=rc.temperature, top_p=rc.top_p,
+        prompts = [render_prompt(it, tokenizer, rc.seed) for it in items]
+        replies = sample.generate_replies(model, prompts, rc.grade_k, rc.max_new_tokens, rc.think_budget,
+                                          tokenizer.force_answer_ids, temperature=rc.temperature, top_p=rc.top_p,
                                           generator=sample.noise_generator(device, rc.seed, start, rank, 1))
-        scores = score_replies(tokenizer, items, replies, rc.grade_k)
+        scores, _ = judge_replies(judge, tokenizer, items, prompts, replies,
+                                  score_replies(tokenizer, items, replies, rc.grade_k), rc.grade_k, rc.rollout_batch)
         for j, i in enumerate(mine[start:start + per_call]):
             s = scores[j * rc.grade_k:(j + 1) * rc.grade_k]
             results.append((i, float(np.mean(s)), float(max(s))))

@@ -73,6 +73,27 @@ def rl_config(out, init_from, *flags):
     return rlcs.config_from_args(rlcs.build_parser().parse_args([*base, *flags]))
 
 
+class Stop(Exception):
+    """The process "dies" right after a checkpoint (see stop_after_first_save)."""
+
+
+def stop_after_first_save(monkeypatch, train, config):
+    """train(config) until its first training checkpoint is written, then stop as if killed; the real
+    pretrain.save_training_state is put back, ready for a --resume."""
+    import pretrain
+
+    save = pretrain.save_training_state
+
+    def save_then_stop(*args, **kwargs):
+        save(*args, **kwargs)
+        raise Stop
+
+    monkeypatch.setattr(pretrain, "save_training_state", save_then_stop)
+    with pytest.raises(Stop):
+        train(config)
+    monkeypatch.setattr(pretrain, "save_training_state", save)
+
+
 @pytest.fixture(scope="session")
 def sft_checkpoint(tmp_path_factory):
     """A short SFT run from scratch on one easy domain (multiple choice, level 2: "What shape is this? A. … B. …").
