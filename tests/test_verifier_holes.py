@@ -1,4 +1,4 @@
-"""Tests for the verifiers' holes closed in issue 20 and for what was added with them: each hole has cases that must
+"""Tests for holes the verifiers had and for what closing them added: each hole has cases that must
 pay and cases that must not (several per kind, our own hostile cases); then the math benchmark answers need
 (functions, constants, ±, intervals, sets, inequalities, unicode fractions, degrees), the vqa, physics/chemistry
 and multi_image verifiers, GLM-4.1V's GUI action formats, and the same guarantees as tests/test_rewards.py for all of
