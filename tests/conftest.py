@@ -166,6 +166,22 @@ def user_module(tmp_path, monkeypatch):
     return "parity=myverifiers:parity"
 
 
+@pytest.fixture
+def generate_prompts(monkeypatch):
+    """The prompt ids (row 0) of every sample.generate_stream call the test makes; the real function still runs."""
+    import sample
+
+    prompts = []
+    real = sample.generate_stream
+
+    def spy(model, input_ids, *args, **kwargs):
+        prompts.append(input_ids[0].tolist())
+        return real(model, input_ids, *args, **kwargs)
+
+    monkeypatch.setattr(sample, "generate_stream", spy)
+    return prompts
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The verifiers' tests (test_rewards.py, test_verifier_holes.py)
 # ---------------------------------------------------------------------------------------------------------------

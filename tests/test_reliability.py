@@ -322,17 +322,10 @@ def test_special_tokens_typed_in_text_are_plain_text(tok):
         tok.parse_special_tokens = False
 
 
-def test_sample_py_encodes_a_typed_control_token_as_text(two_steps, monkeypatch):
+def test_sample_py_encodes_a_typed_control_token_as_text(two_steps, generate_prompts):
     import io
 
-    prompts = []
-    real = sample.generate_stream
-
-    def spy(model, input_ids, *args, **kwargs):
-        prompts.append(input_ids[0].tolist())
-        return real(model, input_ids, *args, **kwargs)
-
-    monkeypatch.setattr(sample, "generate_stream", spy)
+    prompts = generate_prompts
     for flags in ([], ["--parse-special-tokens"]):
         sample.main(["--checkpoint", str(two_steps), "--prompt", "a<|endoftext|>b", "--max-new-tokens", "2", *flags],
                     out=io.StringIO())

@@ -397,15 +397,8 @@ def test_cli_prompt_with_an_image_gives_the_generated_reply(checkpoint, pair):
     assert "\n\nAnswer:\n" in budget  # </think> forced after 3 tokens
 
 
-def test_cli_interactive_chat_keeps_the_history(checkpoint, monkeypatch, tok):
-    prompts = []
-    real = S.generate_stream
-
-    def spy(model, input_ids, *args, **kwargs):
-        prompts.append(input_ids[0].tolist())
-        return real(model, input_ids, *args, **kwargs)
-
-    monkeypatch.setattr(S, "generate_stream", spy)
+def test_cli_interactive_chat_keeps_the_history(checkpoint, generate_prompts, tok):
+    prompts = generate_prompts
     image = checkpoint / "photo.png"
     out = cli("--checkpoint", checkpoint, "--max-new-tokens", 6, "--no-think",
               stdin=f"first question\n/image {image}\nsecond, with a picture\n/image /no/such.png\n/quit\n")
